@@ -1,0 +1,74 @@
+"""The `mqi` command: the typer app, the global --config option and user-error handling.
+
+Command modules register themselves on `app` (or `db_app`); `mqi.cli` imports them all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from mqi.errors import ConfigError, MqiError
+from mqi.settings import Settings, load_settings
+
+
+class UserError(click.ClickException):
+    """A mistake or condition the user can act on: one message, no traceback."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _UserErrorGroup(TyperGroup):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            raise UserError(str(exc), exit_code=2) from None
+        except MqiError as exc:
+            raise UserError(str(exc)) from None
+
+
+app = typer.Typer(
+    cls=_UserErrorGroup,
+    help="MQI Communicator: QA cases from the inbox to MOQUI results on GPU servers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="The case ledger database.", no_args_is_help=True)
+config_app = typer.Typer(help="The settings.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(config_app, name="config")
+
+_config_file: Path | None = None
+_settings: Settings | None = None
+
+
+@app.callback()
+def _global_options(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="settings file (default: $MQI_CONFIG or ./mqi.yaml)"),
+    ] = None,
+) -> None:
+    global _config_file, _settings
+    _config_file, _settings = config, None
+
+
+def config_file() -> Path | None:
+    """The --config value given on the command line, if any."""
+    return _config_file
+
+
+def current_settings() -> Settings:
+    """The settings for this invocation, read once (raises ConfigError)."""
+    global _settings
+    if _settings is None:
+        _settings = load_settings(_config_file)
+    return _settings

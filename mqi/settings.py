@@ -1,0 +1,307 @@
+"""Settings: one YAML file, every value overridable from the environment.
+
+Order of precedence (highest first): `MQI_*` environment variables (nested keys joined with
+`__`, e.g. `MQI_CASE__POLL_SECONDS=2`), the YAML file, the embedded defaults. With no file at
+all the embedded defaults describe a complete local setup: the local transport and queue,
+SQLite in the working folder, an inbox and a results folder beside it.
+
+Relative paths are taken relative to the working folder of the process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+from mqi.errors import ConfigError
+
+CONFIG_ENV = "MQI_CONFIG"
+DEFAULT_CONFIG_FILE = Path("mqi.yaml")
+MOQUI_PROGRESS_PATTERN = r"Generating particles for \((\d+) of (\d+) batches\)"
+
+# Names end up in remote paths, pueue group names and Prefect limit names.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class InboxSettings(StrictModel):
+    path: Path = Path("inbox")
+    quiet_seconds: float = Field(5.0, ge=0, description="a folder is complete when unchanged this long")
+    ready_marker: str | None = Field(
+        None, description="if set, a folder is complete when this file exists in it"
+    )
+    scan_seconds: float = Field(10.0, gt=0, description="interval of the scan-inbox schedule")
+
+
+class LedgerSettings(StrictModel):
+    url: SecretStr = SecretStr("sqlite:///./mqi.db")
+
+    @field_validator("url")
+    @classmethod
+    def _parseable(cls, value: SecretStr) -> SecretStr:
+        try:
+            make_url(value.get_secret_value())
+        except Exception:
+            raise ValueError("not a database URL (e.g. sqlite:///./mqi.db or postgresql://host/db)") from None
+        return value
+
+    def display_url(self) -> str:
+        """The URL with any password masked."""
+        return make_url(self.url.get_secret_value()).render_as_string(hide_password=True)
+
+
+class CaseSettings(StrictModel):
+    command: str = Field(
+        "python interpreter.py && python moquisim.py",
+        min_length=1,
+        description="shell command run inside the uploaded case folder",
+    )
+    output_subdir: str = Field("output", pattern=NAME_PATTERN)
+    timeout_hours: float = Field(24.0, gt=0)
+    poll_seconds: float = Field(10.0, gt=0)
+    progress_pattern: str = Field(
+        MOQUI_PROGRESS_PATTERN, description="regex with two groups: batches done, batches total"
+    )
+    log_tail_lines: int = Field(30, ge=1, le=10_000)
+
+    @field_validator("progress_pattern")
+    @classmethod
+    def _two_groups(cls, value: str) -> str:
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        if compiled.groups != 2:
+            raise ValueError("needs exactly two groups: batches done and batches total")
+        return value
+
+
+class GroupSettings(StrictModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    slots: int = Field(1, ge=1)
+    devices: str | None = Field(None, description="CUDA_VISIBLE_DEVICES for tasks of this group")
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices_as_text(cls, value: Any) -> Any:
+        # YAML reads `devices: 0` as an int and `devices: 0,1` as a string; both mean the same.
+        return str(value) if isinstance(value, int) else value
+
+
+class HostSettings(StrictModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    transport: Literal["ssh", "local"] = "local"
+    queue: Literal["pueue", "local"] = "local"
+    hostname: str | None = None
+    port: int = Field(22, ge=1, le=65535)
+    username: str | None = None
+    key_file: Path | None = None
+    key_passphrase: SecretStr | None = None
+    password: SecretStr | None = None
+    known_hosts: Path = Path("~/.ssh/known_hosts")
+    accept_unknown_host_keys: bool = Field(
+        False, description="record an unknown host key on first use instead of refusing it"
+    )
+    connect_timeout: float = Field(10.0, gt=0)
+    command_timeout: float = Field(60.0, gt=0)
+    pueue: str = "pueue"
+    workdir: str = "work"
+    groups: list[GroupSettings] = Field(default_factory=lambda: [GroupSettings(name="default")])
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HostSettings:
+        problems = []
+        if self.transport == "ssh":
+            if not self.hostname:
+                problems.append("hostname is required for transport ssh")
+            if not self.username:
+                problems.append("username is required for transport ssh")
+            if self.key_file is None and self.password is None:
+                problems.append("key_file or password is required for transport ssh")
+        if self.key_file is not None and not self.key_file.expanduser().is_file():
+            problems.append(f"key_file {str(self.key_file)!r} does not exist")
+        if not self.groups:
+            problems.append("at least one group is required")
+        duplicates = _duplicates(g.name for g in self.groups)
+        if duplicates:
+            problems.append(f"duplicate group names: {', '.join(duplicates)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class TransferSettings(StrictModel):
+    remove_remote_after_download: bool = False
+    timeout_seconds: float = Field(3600.0, gt=0)
+
+
+class RetrySettings(StrictModel):
+    max_attempts: int = Field(1, ge=1, description="attempts for an engine failure; 1 = no retry")
+    retry_timeouts: bool = False
+
+
+class PrefectSettings(StrictModel):
+    api_url: str | None = Field(None, description="a Prefect server; none = an embedded one")
+
+
+def _default_hosts() -> list[HostSettings]:
+    return [HostSettings(name="local", transport="local", queue="local", workdir="work")]
+
+
+def _duplicates(names) -> list[str]:
+    seen, dupes = set(), []
+    for name in names:
+        if name in seen and name not in dupes:
+            dupes.append(name)
+        seen.add(name)
+    return dupes
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MQI_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    timezone: str = "Asia/Seoul"
+    state_dir: Path = Field(Path(".mqi"), description="local queue, embedded Prefect home, logs")
+    inbox: InboxSettings = Field(default_factory=InboxSettings)
+    results_dir: Path = Path("results")
+    ledger: LedgerSettings = Field(default_factory=LedgerSettings)
+    case: CaseSettings = Field(default_factory=CaseSettings)
+    hosts: list[HostSettings] = Field(default_factory=_default_hosts)
+    transfer: TransferSettings = Field(default_factory=TransferSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    prefect: PrefectSettings = Field(default_factory=PrefectSettings)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name like Asia/Seoul)") from None
+        return value
+
+    @field_validator("hosts")
+    @classmethod
+    def _unique_hosts(cls, hosts: list[HostSettings]) -> list[HostSettings]:
+        if not hosts:
+            raise ValueError("at least one host is required")
+        duplicates = _duplicates(h.name for h in hosts)
+        if duplicates:
+            raise ValueError(f"duplicate host names: {', '.join(duplicates)}")
+        return hosts
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def host(self, name: str) -> HostSettings:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise ConfigError([f"no host named {name!r} (configured: {', '.join(h.name for h in self.hosts)})"])
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        # init carries the YAML file's content (see load_settings); the environment wins over it.
+        return (env_settings, init_settings)
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as plain data, secrets masked, for display."""
+        data = self.model_dump(mode="json")  # SecretStr dumps as '**********'
+        data["ledger"]["url"] = self.ledger.display_url()
+        return data
+
+
+def config_path(explicit: Path | None = None) -> tuple[Path, bool]:
+    """The config file to read and whether the user named it (a named file must exist)."""
+    if explicit is not None:
+        return explicit, True
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV]), True
+    return DEFAULT_CONFIG_FILE, False
+
+
+def load_settings(explicit: Path | None = None) -> Settings:
+    """Read the settings, or raise ConfigError naming every problem found."""
+    path, named = config_path(explicit)
+    data = _read_yaml(path, required=named)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        problems = [_describe(error, path) for error in exc.errors()]
+        # Pydantic skips list-level checks when an item is invalid; name duplicates anyway.
+        problems += [p for p in _duplicate_names(data) if p not in problems]
+        raise ConfigError(problems) from None
+
+
+def _duplicate_names(data: dict[str, Any]) -> list[str]:
+    hosts = data.get("hosts")
+    if not isinstance(hosts, list):
+        return []
+    host_dicts = [h for h in hosts if isinstance(h, dict)]
+    problems = []
+    duplicates = _duplicates(h.get("name") for h in host_dicts if h.get("name"))
+    if duplicates:
+        problems.append(f"hosts: duplicate host names: {', '.join(duplicates)}")
+    for index, host in enumerate(hosts):
+        groups = host.get("groups") if isinstance(host, dict) else None
+        if isinstance(groups, list):
+            names = [g.get("name") for g in groups if isinstance(g, dict) and g.get("name")]
+            if duplicates := _duplicates(names):
+                problems.append(f"hosts.{index}: duplicate group names: {', '.join(duplicates)}")
+    return problems
+
+
+def _read_yaml(path: Path, *, required: bool) -> dict[str, Any]:
+    if not path.exists():
+        if required:
+            raise ConfigError([f"config file {str(path)!r} not found"])
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{path}: YAML syntax error{where}: {reason}"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read: {exc}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of settings"])
+    return data
+
+
+def _describe(error: dict[str, Any], path: Path) -> str:
+    location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{location}: unknown key"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"{location}: required"
+    return f"{location}: {message}"
