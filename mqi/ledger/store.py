@@ -1,0 +1,577 @@
+"""The case ledger: the record of truth for every case, its attempts and its history.
+
+Every write is one transaction; a state change and the event recording it commit together.
+Writers that lose a race for a lock (SQLite busy, PostgreSQL deadlock) run again from the
+start, so callers never see "database is locked".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import Session, aliased
+
+from mqi.ledger import migrations
+from mqi.ledger.engine import (
+    MIGRATION_LOCK_KEY,
+    LedgerError,
+    create_ledger_engine,
+    is_retryable,
+    parse_url,
+    safe_url,
+    writer_engine,
+)
+from mqi.ledger.models import AttemptRow, CaseRow, EventRow, GpuGroupRow
+from mqi.ledger.records import Attempt, Case, CaseOverview, Event, GpuGroup
+from mqi.ledger.states import (
+    FINISHED_STATES,
+    AttemptResult,
+    CaseState,
+    FailureCategory,
+    check_transition,
+)
+
+T = TypeVar("T")
+Clock = Callable[[], datetime]
+PathLike = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+
+UID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648 base32, lower case
+UID_LENGTH = 12
+_UID_PATTERN = re.compile(f"[{UID_ALPHABET}]{{{UID_LENGTH}}}")
+_WRITE_ATTEMPTS = 8
+# Attempt fields a caller may fill in after submission (e.g. the task id pueue gave back).
+UPDATABLE_ATTEMPT_FIELDS = {
+    "task_id": "pueue_task_id",
+    "label": "pueue_label",
+    "remote_dir": "remote_dir",
+    "flow_run_id": "flow_run_id",
+    "submitted_at": "submitted_at",
+    "started_at": "started_at",
+}
+
+
+class CaseNotFound(LedgerError):
+    """No case matches an id, uid or folder."""
+
+
+class AttemptNotFound(LedgerError):
+    """No attempt has this id."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_uid() -> str:
+    return "".join(secrets.choice(UID_ALPHABET) for _ in range(UID_LENGTH))
+
+
+def folder_key(source: PathLike) -> str:
+    """The text under which a case folder is stored: absolute, normalized, any bytes kept."""
+    return os.path.abspath(os.fsdecode(source))
+
+
+def display_text(text: str) -> str:
+    """Text safe to show and store as a name: undecodable bytes become U+FFFD."""
+    return os.fsencode(text).decode("utf-8", errors="replace")
+
+
+class Ledger:
+    """Cases, attempts, events and GPU groups in one SQL database (SQLite or PostgreSQL)."""
+
+    def __init__(self, engine: Engine, *, clock: Clock = utc_now):
+        self._engine = engine
+        self._writer = writer_engine(engine)
+        self._clock = clock
+
+    @classmethod
+    def open(cls, url: str, *, clock: Clock = utc_now, migrate: bool = True) -> Ledger:
+        """Connect to the ledger at `url` and bring its schema up to date."""
+        parsed = parse_url(url)
+        ledger = cls(create_ledger_engine(parsed), clock=clock)
+        try:
+            if migrate:
+                ledger.upgrade()
+            else:
+                ledger.schema_revision()
+        except DBAPIError as error:
+            ledger.close()
+            raise LedgerError(
+                f"cannot open the case ledger at {safe_url(parsed)}: {error.orig}"
+            ) from None
+        return ledger
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Ledger({safe_url(self._engine.url)})"
+
+    # -- schema ---------------------------------------------------------------------
+
+    def schema_revision(self) -> str | None:
+        with self._engine.connect() as connection:
+            return migrations.current_revision(connection)
+
+    def upgrade(self, revision: str = "head") -> str | None:
+        """Migrate the schema to `revision`; one process at a time does it."""
+        if revision == "head" and self.schema_revision() == migrations.head_revision():
+            return migrations.head_revision()
+        with self._writer.begin() as connection:  # SQLite: holds the write lock
+            if connection.dialect.name == "postgresql":
+                connection.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
+            migrations.upgrade(connection, revision)
+            return migrations.current_revision(connection)
+
+    # -- sessions -------------------------------------------------------------------
+
+    @contextmanager
+    def _reading(self) -> Iterator[Session]:
+        with Session(self._engine) as session, session.begin():
+            yield session
+
+    def _write(self, work: Callable[[Session], T]) -> T:
+        """Run `work` in one write transaction, again from the start if it lost a lock race."""
+        for attempt in range(1, _WRITE_ATTEMPTS + 1):
+            try:
+                with Session(self._writer) as session, session.begin():
+                    return work(session)
+            except DBAPIError as error:
+                if attempt == _WRITE_ATTEMPTS or not is_retryable(error):
+                    raise
+                time.sleep(0.05 * 2**attempt * (0.5 + secrets.randbelow(100) / 100))
+        raise AssertionError("unreachable")
+
+    # -- cases ----------------------------------------------------------------------
+
+    def register_case(
+        self,
+        source: PathLike,
+        name: str | None = None,
+        actor: str = "scan",
+        *,
+        pinned_host: str | None = None,
+        pinned_group: str | None = None,
+    ) -> tuple[Case, bool]:
+        """The case for folder `source`, registering it as pending if new; True if it was new.
+
+        Two processes registering the same folder at once get the same case.
+        """
+        key = folder_key(source)
+        case_name = display_text(name if name is not None else os.path.basename(key))
+
+        def insert(session: Session) -> tuple[Case, bool]:
+            existing = session.scalar(select(CaseRow).where(CaseRow.source == key))
+            if existing is not None:
+                return Case.from_row(existing), False
+            now = self._clock()
+            row = CaseRow(
+                uid=new_uid(),
+                source=key,
+                name=case_name,
+                state=CaseState.PENDING,
+                progress=0,
+                created_at=now,
+                updated_at=now,
+                pinned_host=pinned_host,
+                pinned_group=pinned_group,
+            )
+            session.add(row)
+            session.flush()
+            session.add(_event(row.id, now, None, CaseState.PENDING, actor, f"registered {key}"))
+            return Case.from_row(row), True
+
+        try:
+            return self._write(insert)
+        except IntegrityError:
+            # Another process inserted the same folder between our read and our insert
+            # (PostgreSQL; SQLite writers are serialized). A uid clash would also land
+            # here; both are settled by running once more.
+            return self._write(insert)
+
+    def find_case(self, ref: str | int) -> Case:
+        """The case named by an id, a uid or its folder path."""
+        text = str(ref).strip()
+        with self._reading() as session:
+            row = None
+            if text.isdigit():
+                row = session.get(CaseRow, int(text))
+            if row is None and _UID_PATTERN.fullmatch(text):
+                row = session.scalar(select(CaseRow).where(CaseRow.uid == text))
+            if row is None and text:
+                row = session.scalar(select(CaseRow).where(CaseRow.source == folder_key(text)))
+            if row is None:
+                raise CaseNotFound(f"no case has the id, uid or folder {text!r}")
+            return Case.from_row(row)
+
+    def get_case(self, case_id: int) -> Case:
+        with self._reading() as session:
+            return Case.from_row(_case_row(session, case_id))
+
+    def list_cases(self, state: CaseState | str | None = None) -> list[Case]:
+        """All cases by id, or those in one state."""
+        return self.cases_in_states(CaseState if state is None else [state])
+
+    def cases_in_states(self, states: Iterable[CaseState | str]) -> list[Case]:
+        wanted = [CaseState(s).value for s in states]
+        with self._reading() as session:
+            rows = session.scalars(
+                select(CaseRow).where(CaseRow.state.in_(wanted)).order_by(CaseRow.id)
+            )
+            return [Case.from_row(row) for row in rows]
+
+    def overview(self, state: CaseState | str | None = None) -> list[CaseOverview]:
+        """Cases by id, each with its latest attempt, in one query."""
+        latest_number = (
+            select(AttemptRow.case_id, func.max(AttemptRow.number).label("number"))
+            .group_by(AttemptRow.case_id)
+            .subquery()
+        )
+        latest = (
+            select(AttemptRow)
+            .join(
+                latest_number,
+                (AttemptRow.case_id == latest_number.c.case_id)
+                & (AttemptRow.number == latest_number.c.number),
+            )
+            .subquery()
+        )
+        latest_attempt = aliased(AttemptRow, latest)
+        query = (
+            select(CaseRow, latest_attempt)
+            .outerjoin(latest_attempt, latest_attempt.case_id == CaseRow.id)
+            .order_by(CaseRow.id)
+        )
+        if state is not None:
+            query = query.where(CaseRow.state == CaseState(state).value)
+        with self._reading() as session:
+            return [
+                CaseOverview(Case.from_row(case), attempt and Attempt.from_row(attempt))
+                for case, attempt in session.execute(query)
+            ]
+
+    def transition(
+        self,
+        case_id: int,
+        to_state: CaseState | str,
+        *,
+        actor: str,
+        message: str = "",
+        attempt_id: int | None = None,
+        failure_category: FailureCategory | str | None = None,
+        failure_message: str | None = None,
+        results_path: PathLike | None = None,
+    ) -> Case:
+        """Move a case to `to_state` and record the event, in one transaction.
+
+        Raises IllegalTransition (and changes nothing) when the state machine forbids the
+        move. Moving to `failed` needs a failure category; `cancelled` implies one. A case
+        that comes to rest (pending, completed, failed, cancelled) must have no live
+        attempt: finish it first with `finish_attempt`.
+        """
+        target = CaseState(to_state)
+        category = _failure_category_for(target, failure_category)
+
+        def move(session: Session) -> Case:
+            row = _case_row(session, case_id, for_update=True)
+            source = CaseState(row.state)
+            check_transition(case_id, source, target)
+            if attempt_id is not None:
+                _attempt_row_of_case(session, attempt_id, case_id)
+            if target is CaseState.PENDING or target in FINISHED_STATES:
+                _require_no_live_attempt(session, case_id, f"moving the case to {target}")
+            now = self._clock()
+            row.state = target
+            row.updated_at = now
+            resting = target in (CaseState.FAILED, CaseState.CANCELLED)
+            row.failure_category = category if resting else None
+            row.failure_message = failure_message if resting else None
+            if target is CaseState.COMPLETED:
+                row.progress = 100
+            elif target is CaseState.PENDING:
+                row.progress = 0
+            if results_path is not None:
+                row.results_path = os.fsdecode(results_path)
+            note = _event_message(message, failure_category, failure_message)
+            session.add(_event(case_id, now, source, target, actor, note, attempt_id))
+            return Case.from_row(row)
+
+        return self._write(move)
+
+    def set_progress(self, case_id: int, percent: int) -> Case:
+        if not 0 <= percent <= 100:
+            raise ValueError(f"progress must be between 0 and 100, not {percent}")
+
+        def store(session: Session) -> Case:
+            row = _case_row(session, case_id, for_update=True)
+            if row.progress != percent:
+                row.progress = int(percent)
+                row.updated_at = self._clock()
+            return Case.from_row(row)
+
+        return self._write(store)
+
+    def pin_case(self, case_id: int, host: str | None, group: str | None = None) -> Case:
+        """Make a case run only on `host` (and `group`, if given); None unpins it."""
+
+        def store(session: Session) -> Case:
+            row = _case_row(session, case_id, for_update=True)
+            row.pinned_host, row.pinned_group = host, group
+            row.updated_at = self._clock()
+            return Case.from_row(row)
+
+        return self._write(store)
+
+    def events(self, case_id: int) -> list[Event]:
+        """The audit trail of a case, oldest first."""
+        with self._reading() as session:
+            _case_row(session, case_id)
+            rows = session.scalars(
+                select(EventRow).where(EventRow.case_id == case_id).order_by(EventRow.id)
+            )
+            return [Event.from_row(row) for row in rows]
+
+    # -- attempts -------------------------------------------------------------------
+
+    def start_attempt(
+        self,
+        case_id: int,
+        *,
+        host: str,
+        group: str,
+        label: str,
+        remote_dir: str,
+        flow_run_id: str | None = None,
+        task_id: int | None = None,
+    ) -> Attempt:
+        """Record a new submission of a case; it gets the next number (1, 2, ...)."""
+
+        def insert(session: Session) -> Attempt:
+            _case_row(session, case_id, for_update=True)
+            _require_no_live_attempt(session, case_id, "starting a new one")
+            last = session.scalar(
+                select(func.max(AttemptRow.number)).where(AttemptRow.case_id == case_id)
+            )
+            row = AttemptRow(
+                case_id=case_id,
+                number=(last or 0) + 1,
+                host=host,
+                pueue_group=group,
+                pueue_label=label,
+                pueue_task_id=task_id,
+                remote_dir=remote_dir,
+                flow_run_id=None if flow_run_id is None else str(flow_run_id),
+                submitted_at=self._clock(),
+            )
+            session.add(row)
+            session.flush()
+            return Attempt.from_row(row)
+
+        return self._write(insert)
+
+    def update_attempt(self, attempt_id: int, **fields: object) -> Attempt:
+        """Fill in fields of a live attempt: task_id, label, remote_dir, flow_run_id,
+        submitted_at, started_at. A recorded task id or label is never cleared."""
+        unknown = set(fields) - set(UPDATABLE_ATTEMPT_FIELDS)
+        if unknown:
+            raise TypeError(
+                f"update_attempt cannot set {sorted(unknown)}; "
+                f"it sets {sorted(UPDATABLE_ATTEMPT_FIELDS)}"
+            )
+        for name in ("task_id", "label"):
+            if name in fields and fields[name] is None:
+                raise LedgerError(f"attempt {attempt_id}: {name} may not be cleared once recorded")
+
+        def store(session: Session) -> Attempt:
+            row = _attempt_row(session, attempt_id)
+            if row.result is not None:
+                raise LedgerError(
+                    f"attempt {attempt_id} is finished ({row.result}); its record is final"
+                )
+            for name, value in fields.items():
+                if name == "flow_run_id" and value is not None:
+                    value = str(value)
+                setattr(row, UPDATABLE_ATTEMPT_FIELDS[name], value)
+            return Attempt.from_row(row)
+
+        return self._write(store)
+
+    def finish_attempt(
+        self,
+        attempt_id: int,
+        result: AttemptResult | str,
+        *,
+        exit_code: int | None = None,
+        ended_at: datetime | None = None,
+    ) -> Attempt:
+        """Record how an attempt ended. Host, group and task id stay as they were.
+
+        Finishing again with the same result is a no-op (a retried task may repeat it);
+        with a different result it is an error.
+        """
+        outcome = AttemptResult(result)
+
+        def store(session: Session) -> Attempt:
+            row = _attempt_row(session, attempt_id)
+            if row.result is not None:
+                if row.result == outcome:
+                    return Attempt.from_row(row)
+                raise LedgerError(
+                    f"attempt {attempt_id} already ended as {row.result}, not {outcome}"
+                )
+            row.result = outcome
+            row.exit_code = exit_code
+            row.ended_at = ended_at or self._clock()
+            return Attempt.from_row(row)
+
+        return self._write(store)
+
+    def live_attempt(self, case_id: int) -> Attempt | None:
+        """The attempt of this case that has not ended, if any (there is at most one)."""
+        with self._reading() as session:
+            row = _live_attempt_row(session, case_id)
+            return None if row is None else Attempt.from_row(row)
+
+    def attempts(self, case_id: int) -> list[Attempt]:
+        """All attempts of a case, first one first."""
+        with self._reading() as session:
+            _case_row(session, case_id)
+            rows = session.scalars(
+                select(AttemptRow).where(AttemptRow.case_id == case_id).order_by(AttemptRow.number)
+            )
+            return [Attempt.from_row(row) for row in rows]
+
+    def get_attempt(self, attempt_id: int) -> Attempt:
+        with self._reading() as session:
+            return Attempt.from_row(_attempt_row(session, attempt_id))
+
+    # -- GPU groups -----------------------------------------------------------------
+
+    def sync_gpu_groups(
+        self, groups: Iterable[tuple[str, str, int, Sequence[str | int]]]
+    ) -> list[GpuGroup]:
+        """Make the table match the configured (host, group, slots, devices) list.
+
+        Groups no longer configured stay in the table, marked inactive, because old
+        attempts name them. Returns every group, active ones first.
+        """
+        wanted = {(host, group): (slots, [str(d) for d in devices]) for host, group, slots, devices in groups}
+
+        def store(session: Session) -> list[GpuGroup]:
+            now = self._clock()
+            rows = {(r.host, r.pueue_group): r for r in session.scalars(select(GpuGroupRow))}
+            for key, (slots, devices) in wanted.items():
+                row = rows.get(key)
+                if row is None:
+                    row = GpuGroupRow(host=key[0], pueue_group=key[1], updated_at=now)
+                    session.add(row)
+                    rows[key] = row
+                if (row.slots, row.devices, row.active) != (slots, devices, True):
+                    row.slots, row.devices, row.active, row.updated_at = slots, devices, True, now
+            for key, row in rows.items():
+                if key not in wanted and row.active:
+                    row.active, row.updated_at = False, now
+            session.flush()
+            return _sorted_groups(rows.values())
+
+        return self._write(store)
+
+    def gpu_groups(self, *, include_inactive: bool = False) -> list[GpuGroup]:
+        with self._reading() as session:
+            query = select(GpuGroupRow)
+            if not include_inactive:
+                query = query.where(GpuGroupRow.active.is_(True))
+            return _sorted_groups(session.scalars(query))
+
+
+def _sorted_groups(rows: Iterable[GpuGroupRow]) -> list[GpuGroup]:
+    groups = [GpuGroup.from_row(row) for row in rows]
+    return sorted(groups, key=lambda g: (not g.active, g.host, g.group))
+
+
+def _case_row(session: Session, case_id: int, *, for_update: bool = False) -> CaseRow:
+    row = session.get(CaseRow, case_id, with_for_update=for_update or None)
+    if row is None:
+        raise CaseNotFound(f"no case has the id {case_id}")
+    return row
+
+
+def _attempt_row(session: Session, attempt_id: int) -> AttemptRow:
+    row = session.get(AttemptRow, attempt_id, with_for_update=True)
+    if row is None:
+        raise AttemptNotFound(f"no attempt has the id {attempt_id}")
+    return row
+
+
+def _attempt_row_of_case(session: Session, attempt_id: int, case_id: int) -> AttemptRow:
+    row = _attempt_row(session, attempt_id)
+    if row.case_id != case_id:
+        raise LedgerError(f"attempt {attempt_id} belongs to case {row.case_id}, not case {case_id}")
+    return row
+
+
+def _live_attempt_row(session: Session, case_id: int) -> AttemptRow | None:
+    return session.scalar(
+        select(AttemptRow).where(AttemptRow.case_id == case_id, AttemptRow.result.is_(None))
+    )
+
+
+def _require_no_live_attempt(session: Session, case_id: int, purpose: str) -> None:
+    live = _live_attempt_row(session, case_id)
+    if live is not None:
+        raise LedgerError(
+            f"case {case_id} still has live attempt #{live.number} (id {live.id}) on "
+            f"{live.host}/{live.pueue_group}; finish it with finish_attempt before {purpose}"
+        )
+
+
+def _failure_category_for(
+    target: CaseState, category: FailureCategory | str | None
+) -> FailureCategory | None:
+    if category is not None:
+        return FailureCategory(category)
+    if target is CaseState.CANCELLED:
+        return FailureCategory.CANCELLED
+    if target is CaseState.FAILED:
+        raise LedgerError("a case moved to failed needs a failure_category")
+    return None
+
+
+def _event_message(message: str, category: FailureCategory | str | None, detail: str | None) -> str:
+    failure = ": ".join(str(part) for part in (category, detail) if part)
+    return " | ".join(part for part in (message, failure) if part)
+
+
+def _event(
+    case_id: int,
+    at: datetime,
+    from_state: CaseState | None,
+    to_state: CaseState,
+    actor: str,
+    message: str,
+    attempt_id: int | None = None,
+) -> EventRow:
+    return EventRow(
+        case_id=case_id,
+        at=at,
+        from_state=from_state,
+        to_state=to_state,
+        attempt_id=attempt_id,
+        actor=actor,
+        message=message,
+    )
