@@ -126,6 +126,22 @@ class HostSettings(StrictModel):
     pueue: str = "pueue"
     workdir: str = "work"
     groups: list[GroupSettings] = Field(default_factory=lambda: [GroupSettings(name="default")])
+    block: str | None = Field(
+        None,
+        min_length=1,
+        description="name of a saved 'MQI GPU Host' Prefect block that holds this host's settings "
+        "(resolved when the orchestrator starts, see blocks.gpu_host.resolve_host_blocks)",
+    )
+
+    @model_validator(mode="after")
+    def _block_or_inline(self) -> HostSettings:
+        # A block reference is a placeholder: any inline field would be silently replaced by the block.
+        inline = sorted(self.model_fields_set - {"name", "block"})
+        if self.block is not None and inline:
+            raise ValueError(
+                f"either block or inline fields: block {self.block!r} is given, so remove {', '.join(inline)}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> HostSettings:
