@@ -207,6 +207,12 @@ def test_v4_tolerates_unknown_extra_fields():
     assert snapshot.groups["gpu0"].parallel == 2
 
 
+def test_version_warning_line_before_the_json_is_skipped():
+    warning = "Different daemon version detected '3.4.0'. Consider restarting the daemon.\n"
+    text = warning + status_json(v3_task(2, "Running", start=T1))
+    assert parse_status(text, "gpu-a").tasks[2].state is TaskState.RUNNING
+
+
 def test_null_label_and_empty_queue():
     assert only_task(status_json(v4_task(0, QUEUED_V4, label=None))).label is None
     empty = parse_status('{"tasks": {}, "groups": {}}', "gpu-a")

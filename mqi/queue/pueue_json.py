@@ -116,6 +116,7 @@ def parse_timestamp(value: str) -> datetime:
 def _load(text: str, host: str, source: str) -> Any:
     if not text.strip():
         raise PueueOutputError(host, source, "no output at all")
+    text = _without_leading_warnings(text)
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
@@ -125,6 +126,15 @@ def _load(text: str, host: str, source: str) -> Any:
             f"not valid JSON ({error.msg} at character {error.pos} of {len(text)}; "
             "truncated output?)",
         ) from None
+
+
+def _without_leading_warnings(text: str) -> str:
+    """Some clients print a version warning line on stdout before the JSON: skip such lines."""
+    lines = text.splitlines(keepends=True)
+    for number, line in enumerate(lines):
+        if line.lstrip().startswith(("{", "[")):
+            return "".join(lines[number:])
+    return text
 
 
 # --- shape helpers: each takes `where` (a path such as tasks['3'].status) for messages ---
