@@ -1,0 +1,277 @@
+"""`mqi status`, `mqi show CASE` and `mqi db upgrade`: reading the case ledger.
+
+The functions that query and format are plain (tested on their own); the typer commands
+at the bottom only open the ledger and print.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, tzinfo
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from mqi.cli.app import app, current_settings, db_app
+from mqi.ledger import Attempt, Case, CaseOverview, CaseState, Event, Ledger, LedgerError
+
+
+@dataclass(frozen=True)
+class CaseDetail:
+    case: Case
+    attempts: list[Attempt]
+    events: list[Event]
+
+
+def case_detail(ledger: Ledger, ref: str) -> CaseDetail:
+    """A case (by id, uid or folder) with all its attempts and events."""
+    case = ledger.find_case(ref)
+    return CaseDetail(case, ledger.attempts(case.id), ledger.events(case.id))
+
+
+def local_iso(moment: datetime | None, zone: tzinfo) -> str | None:
+    return None if moment is None else moment.astimezone(zone).isoformat()
+
+
+def local_text(moment: datetime | None, zone: tzinfo, format: str = "%Y-%m-%d %H:%M:%S") -> str:
+    return "" if moment is None else moment.astimezone(zone).strftime(format)
+
+
+def age_text(since: datetime, now: datetime) -> str:
+    """A short duration such as 45s, 12m, 3h05m or 2d04h."""
+    seconds = max(0, int((now - since).total_seconds()))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m" if minutes else f"{seconds}s"
+
+
+def case_json(case: Case, latest: Attempt | None, zone: tzinfo) -> dict[str, Any]:
+    """The keys of a case in `mqi status --json`; host, group and task id of its latest attempt."""
+    return {
+        "id": case.id,
+        "uid": case.uid,
+        "name": case.name,
+        "state": case.state.value,
+        "progress": case.progress,
+        "host": latest and latest.host,
+        "group": latest and latest.group,
+        "task_id": latest and latest.task_id,
+        "created_at": local_iso(case.created_at, zone),
+        "updated_at": local_iso(case.updated_at, zone),
+    }
+
+
+def status_json(overviews: list[CaseOverview], zone: tzinfo) -> list[dict[str, Any]]:
+    return [case_json(o.case, o.latest_attempt, zone) for o in overviews]
+
+
+def status_table(overviews: list[CaseOverview], zone: tzinfo, now: datetime) -> Table:
+    table = _table(
+        f"{len(overviews)} case(s), times in {zone}",
+        "id", "name", "state", "progress", "host", "group", "task", "age", "updated",
+    )
+    for overview in overviews:
+        case, latest = overview.case, overview.latest_attempt
+        table.add_row(
+            str(case.id),
+            Text(case.name),
+            _styled_state(case.state),
+            f"{case.progress}%",
+            Text(latest.host if latest else ""),
+            Text(latest.group if latest else ""),
+            "" if latest is None or latest.task_id is None else str(latest.task_id),
+            age_text(case.created_at, now),
+            local_text(case.updated_at, zone, "%m-%d %H:%M"),
+        )
+    return table
+
+
+_NUMBER_COLUMNS = {"id", "#", "progress", "task", "attempt", "exit"}
+_TIME_COLUMNS = {"age", "updated", "submitted", "ended", "at"}
+
+
+def _table(title: str, *columns: str) -> Table:
+    table = Table(title=title)
+    for column in columns:
+        justify = "right" if column in _NUMBER_COLUMNS else "left"
+        table.add_column(column, justify=justify, no_wrap=column in _TIME_COLUMNS)
+    return table
+
+
+_STATE_STYLES = {
+    CaseState.COMPLETED: "green",
+    CaseState.FAILED: "red",
+    CaseState.CANCELLED: "yellow",
+    CaseState.KILLING: "yellow",
+    CaseState.RUNNING: "cyan",
+}
+
+
+def _styled_state(state: CaseState) -> str:
+    style = _STATE_STYLES.get(state)
+    return f"[{style}]{state}[/]" if style else str(state)
+
+
+def detail_json(detail: CaseDetail, zone: tzinfo) -> dict[str, Any]:
+    """`mqi show --json`: the case keys, then its attempts and events."""
+    case = detail.case
+    numbers = {attempt.id: attempt.number for attempt in detail.attempts}
+    return {
+        **case_json(case, detail.attempts[-1] if detail.attempts else None, zone),
+        "source": case.source,
+        "failure_category": case.failure_category and case.failure_category.value,
+        "failure_message": case.failure_message,
+        "results_path": case.results_path,
+        "pinned_host": case.pinned_host,
+        "pinned_group": case.pinned_group,
+        "attempts": [_attempt_json(attempt, zone) for attempt in detail.attempts],
+        "events": [
+            {
+                "at": local_iso(event.at, zone),
+                "from": event.from_state and event.from_state.value,
+                "to": event.to_state.value,
+                "actor": event.actor,
+                "attempt": numbers.get(event.attempt_id),
+                "message": event.message,
+            }
+            for event in detail.events
+        ],
+    }
+
+
+def _attempt_json(attempt: Attempt, zone: tzinfo) -> dict[str, Any]:
+    return {
+        "number": attempt.number,
+        "host": attempt.host,
+        "group": attempt.group,
+        "task_id": attempt.task_id,
+        "label": attempt.label,
+        "remote_dir": attempt.remote_dir,
+        "flow_run_id": attempt.flow_run_id,
+        "result": attempt.result and attempt.result.value,
+        "exit_code": attempt.exit_code,
+        "submitted_at": local_iso(attempt.submitted_at, zone),
+        "started_at": local_iso(attempt.started_at, zone),
+        "ended_at": local_iso(attempt.ended_at, zone),
+    }
+
+
+def print_detail(console: Console, detail: CaseDetail, zone: tzinfo) -> None:
+    case = detail.case
+    console.print(Text.assemble((f"case {case.id} ", "bold"), case.name, f"  (uid {case.uid})"))
+    console.print(f"  folder:   {case.source}", markup=False)
+    console.print(f"  state:    {_styled_state(case.state)}  {case.progress}%")
+    if case.failure_category:
+        console.print(f"  failure:  {case.failure_category}: {case.failure_message or ''}", markup=False)
+    if case.results_path:
+        console.print(f"  results:  {case.results_path}", markup=False)
+    if case.pinned_host:
+        console.print(f"  pinned:   {case.pinned_host}/{case.pinned_group or '*'}", markup=False)
+    console.print(f"  created:  {local_text(case.created_at, zone)}  updated: {local_text(case.updated_at, zone)}")
+    console.print(_attempts_table(detail.attempts, zone))
+    console.print(_events_table(detail.events, detail.attempts, zone))
+
+
+def _attempts_table(attempts: list[Attempt], zone: tzinfo) -> Table:
+    table = _table("attempts", "#", "host", "group", "task", "label", "submitted", "ended", "result", "exit")
+    for attempt in attempts:
+        table.add_row(
+            str(attempt.number),
+            Text(attempt.host),
+            Text(attempt.group),
+            "" if attempt.task_id is None else str(attempt.task_id),
+            Text(attempt.label),
+            local_text(attempt.submitted_at, zone),
+            local_text(attempt.ended_at, zone),
+            str(attempt.result or "live"),
+            "" if attempt.exit_code is None else str(attempt.exit_code),
+        )
+    return table
+
+
+def _events_table(events: list[Event], attempts: list[Attempt], zone: tzinfo) -> Table:
+    numbers = {attempt.id: str(attempt.number) for attempt in attempts}
+    table = _table("events", "at", "from", "to", "attempt", "actor", "message")
+    for event in events:
+        table.add_row(
+            local_text(event.at, zone),
+            str(event.from_state or ""),
+            str(event.to_state),
+            numbers.get(event.attempt_id, ""),
+            Text(event.actor),
+            Text(event.message),
+        )
+    return table
+
+
+@contextmanager
+def open_ledger(*, migrate: bool = True) -> Iterator[Ledger]:
+    """The ledger named by the settings, closed afterwards.
+
+    A ledger problem (unknown case, database unreachable) ends the command with its
+    message on stderr and exit code 1, without a traceback.
+    """
+    try:
+        with Ledger.open(current_settings().ledger.url.get_secret_value(), migrate=migrate) as ledger:
+            yield ledger
+    except LedgerError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _print_json(data: object) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+@app.command()
+def status(
+    state: Annotated[CaseState | None, typer.Option(help="only cases in this state")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="a JSON list instead of a table")] = False,
+) -> None:
+    """List the cases with their state, progress and where they run."""
+    zone = current_settings().tz
+    with open_ledger() as ledger:
+        overviews = ledger.overview(state)
+    if as_json:
+        _print_json(status_json(overviews, zone))
+    else:
+        Console().print(status_table(overviews, zone, datetime.now(zone)))
+
+
+@app.command()
+def show(
+    case: Annotated[str, typer.Argument(help="a case id, uid or folder path")],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables")] = False,
+) -> None:
+    """One case: its details, every attempt and its full history."""
+    zone = current_settings().tz
+    with open_ledger() as ledger:
+        detail = case_detail(ledger, case)
+    if as_json:
+        _print_json(detail_json(detail, zone))
+    else:
+        print_detail(Console(), detail, zone)
+
+
+@db_app.command("upgrade")
+def upgrade() -> None:
+    """Bring the ledger's schema to the newest revision (also done at every start)."""
+    ledger_settings = current_settings().ledger
+    with open_ledger(migrate=False) as ledger:
+        before = ledger.schema_revision()
+        after = ledger.upgrade()
+    if before == after:
+        typer.echo(f"ledger {ledger_settings.display_url()}: already at revision {after}")
+    else:
+        typer.echo(f"ledger {ledger_settings.display_url()}: upgraded from {before or 'empty'} to {after}")
