@@ -189,16 +189,6 @@ class PueueQueue(Queue):
             return ""  # not started yet: no log file
         return entry.output
 
-    def missing_or_paused_groups(self, wanted: list[str]) -> dict[str, str]:
-        groups = self.groups()  # much smaller than a status with every task
-        problems = {}
-        for name in wanted:
-            if name not in groups:
-                problems[name] = "missing"
-            elif groups[name].paused:
-                problems[name] = "paused"
-        return problems
-
     # --- setup ---
 
     def groups(self) -> dict[str, GroupInfo]:
