@@ -1,0 +1,480 @@
+"""Run commands on a host over SSH (paramiko), one shared connection per host per process.
+
+Every caller of one `SshTransport` shares a single SSH connection: each command is one
+channel on it. Opening a connection costs a key exchange and authentication (and sshd's
+MaxStartups drops bursts of new ones), so it is opened once, kept alive, and reopened with
+exponential backoff when it breaks. `shared_ssh_transport` hands out the same instance for
+the same configuration, so the whole process holds one connection per host.
+
+Host keys are checked against a known_hosts file; an unknown key is recorded only when
+`accept_unknown_host_keys` is set. Passwords and passphrases are `SecretStr`s and appear in
+no message, log or repr.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import random
+import select
+import shlex
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+import paramiko
+from pydantic import SecretStr
+
+from mqi.transport._common import Deadline, command_timeout
+from mqi.transport.base import (
+    AuthenticationFailed,
+    CommandResult,
+    HostKeyRejected,
+    HostUnreachable,
+    Transport,
+)
+
+T = TypeVar("T")
+
+#: Flow control for bulk transfers: a large receive window keeps the sender busy on a
+#: fast link; packets stay at OpenSSH's own session size.
+CHANNEL_WINDOW = 16 * 1024 * 1024
+CHANNEL_PACKET = 32 * 1024
+READ_CHUNK = 1024 * 1024
+#: AES-GCM needs no separate MAC pass, so it is the cheapest cipher paramiko offers.
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+#: sshd refuses more than MaxSessions (default 10) channels on one connection.
+DEFAULT_MAX_SESSIONS = 8
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """The `SHA256:...` form OpenSSH prints (`ssh-keygen -l`)."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+class SshTransport(Transport):
+    def __init__(
+        self,
+        host: str,
+        *,
+        hostname: str,
+        port: int = 22,
+        username: str,
+        key_file: Path | None = None,
+        key_passphrase: SecretStr | None = None,
+        password: SecretStr | None = None,
+        known_hosts: Path | None = None,
+        accept_unknown_host_keys: bool = False,
+        connect_timeout: float = 10.0,
+        keepalive_seconds: int = 30,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        connect_attempts: int = 4,
+        first_backoff_seconds: float = 1.0,
+    ):
+        self.host = host
+        self.hostname = hostname
+        self.port = port
+        self.username = username
+        self.key_file = Path(key_file).expanduser() if key_file else None
+        self._key_passphrase = _as_secret(key_passphrase)
+        self._password = _as_secret(password)
+        self.known_hosts = Path(known_hosts or "~/.ssh/known_hosts").expanduser()
+        self.accept_unknown_host_keys = accept_unknown_host_keys
+        self.connect_timeout = connect_timeout
+        self.keepalive_seconds = keepalive_seconds
+        self.connect_attempts = max(1, connect_attempts)
+        self.first_backoff_seconds = first_backoff_seconds
+        #: how many SSH connections this transport has opened (1 unless one broke)
+        self.connections_opened = 0
+        self._sessions = threading.BoundedSemaphore(max_sessions)
+        self._connect_lock = threading.Lock()
+        self._client: paramiko.SSHClient | None = None
+        self._failure: tuple[float, HostUnreachable] | None = None
+
+    def __repr__(self) -> str:
+        return f"SshTransport(host={self.host!r}, {self.username}@{self.hostname}:{self.port})"
+
+    # -- the Transport interface ------------------------------------------------------
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float,
+        stdin: bytes | None = None,
+        cwd: str | None = None,
+    ) -> CommandResult:
+        deadline = Deadline(timeout)
+        with self._channel(argv, deadline, cwd=cwd) as channel:
+            if stdin:
+                _ChannelWriter(self, channel, argv, deadline).write(stdin)
+            channel.shutdown_write()
+            return self._finish(channel, argv, deadline)
+
+    def run_writing(
+        self, argv: Sequence[str], write: Callable[[BinaryIO], None], *, timeout: float
+    ) -> CommandResult:
+        deadline = Deadline(timeout)
+        with self._channel(argv, deadline) as channel:
+            try:
+                write(_ChannelWriter(self, channel, argv, deadline))
+            except _InputClosed:
+                pass  # the command stopped reading: its exit code and stderr say why
+            channel.shutdown_write()
+            return self._finish(channel, argv, deadline)
+
+    def run_reading(
+        self, argv: Sequence[str], read: Callable[[BinaryIO], T], *, timeout: float
+    ) -> tuple[T, CommandResult]:
+        deadline = Deadline(timeout)
+        with self._channel(argv, deadline) as channel:
+            channel.shutdown_write()
+            try:
+                value = read(_ChannelReader(self, channel, argv, deadline))
+            except Exception as error:
+                self._raise_if_lost(channel, argv, error)
+                raise
+            result = self._finish(channel, argv, deadline, keep_stdout=False)
+            return value, result
+
+    def close(self) -> None:
+        with self._connect_lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    # -- commands ---------------------------------------------------------------------
+
+    @contextmanager
+    def _channel(
+        self, argv: Sequence[str], deadline: Deadline, cwd: str | None = None
+    ) -> Iterator[paramiko.Channel]:
+        """An exec channel running `argv`; closed (ending our side of it) on the way out."""
+        if not argv:
+            raise ValueError("empty command line")
+        command = shlex.join(argv)
+        if cwd is not None:
+            command = f"cd -- {shlex.quote(cwd)} && exec {command}"
+        if not self._sessions.acquire(timeout=deadline.remaining()):
+            raise command_timeout(self.host, argv, deadline.timeout)
+        try:
+            channel = self._open_session(deadline)
+            try:
+                channel.exec_command(command)
+            except (paramiko.SSHException, OSError, EOFError) as error:
+                channel.close()
+                raise HostUnreachable(self.host, f"could not start {argv[0]!r}: {error}")
+            try:
+                yield channel
+            finally:
+                channel.close()
+        finally:
+            self._sessions.release()
+
+    def _open_session(self, deadline: Deadline) -> paramiko.Channel:
+        """Open a channel, reconnecting once if the shared connection turns out dead."""
+        for attempt in (1, 2):
+            transport = self._connection()
+            try:
+                return transport.open_session(
+                    window_size=CHANNEL_WINDOW,
+                    max_packet_size=CHANNEL_PACKET,
+                    timeout=max(deadline.remaining(), 1.0),
+                )
+            except paramiko.ChannelException as error:
+                raise HostUnreachable(self.host, f"the server refused a session: {error}")
+            except (paramiko.SSHException, OSError, EOFError) as error:
+                self._forget(transport)
+                if attempt == 2:
+                    raise HostUnreachable(self.host, f"connection lost: {error}")
+        raise AssertionError("unreachable")
+
+    def _finish(
+        self,
+        channel: paramiko.Channel,
+        argv: Sequence[str],
+        deadline: Deadline,
+        *,
+        keep_stdout: bool = True,
+    ) -> CommandResult:
+        """Read what is left of stdout and stderr, then the exit status."""
+        stdout: list[bytes] = []
+        stderr: list[bytes] = []
+        while True:
+            while channel.recv_ready():
+                chunk = channel.recv(READ_CHUNK)
+                if keep_stdout:
+                    stdout.append(chunk)
+            while channel.recv_stderr_ready():
+                stderr.append(channel.recv_stderr(READ_CHUNK))
+            if channel.eof_received or channel.closed:
+                break
+            if deadline.passed:
+                raise command_timeout(self.host, argv, deadline.timeout)
+            select.select([channel], [], [], deadline.remaining())
+        if not channel.status_event.wait(deadline.remaining()):
+            self._raise_if_lost(channel, argv)
+            raise command_timeout(self.host, argv, deadline.timeout)
+        self._raise_if_lost(channel, argv)
+        return CommandResult(
+            self.host, tuple(argv), channel.exit_status, b"".join(stdout), b"".join(stderr)
+        )
+
+    def _raise_if_lost(
+        self, channel: paramiko.Channel, argv: Sequence[str], cause: BaseException | None = None
+    ) -> None:
+        """A channel closed without an exit status means the connection broke under it."""
+        transport = channel.get_transport()
+        if transport is not None and transport.is_active():
+            return
+        if channel.exit_status_ready() and channel.exit_status != -1:
+            return
+        self._forget(transport)
+        raise HostUnreachable(
+            self.host, f"connection lost while {argv[0]!r} was running"
+        ) from cause
+
+    # -- the shared connection --------------------------------------------------------
+
+    def _connection(self) -> paramiko.Transport:
+        """The live connection, opened (with backoff) if there is none."""
+        asked_at = time.monotonic()
+        with self._connect_lock:
+            if self._client is not None:
+                transport = self._client.get_transport()
+                if transport is not None and transport.is_active():
+                    return transport
+                self._client.close()
+                self._client = None
+            if self._failure is not None and self._failure[0] >= asked_at:
+                # another thread just gave up while we waited: don't repeat its backoff
+                raise self._failure[1]
+            try:
+                self._client = self._connect_with_backoff()
+            except HostUnreachable as error:
+                self._failure = (time.monotonic(), error)
+                raise
+            self.connections_opened += 1
+            return self._client.get_transport()
+
+    def _forget(self, transport: paramiko.Transport | None) -> None:
+        with self._connect_lock:
+            if self._client is not None and self._client.get_transport() is transport:
+                self._client.close()
+                self._client = None
+
+    def _connect_with_backoff(self) -> paramiko.SSHClient:
+        delay = self.first_backoff_seconds
+        for attempt in range(1, self.connect_attempts + 1):
+            try:
+                return self._connect_once()
+            except _Unreachable as error:
+                reason = error.reason
+            if attempt < self.connect_attempts:
+                time.sleep(delay * random.uniform(0.5, 1.5))
+                delay *= 2
+        raise HostUnreachable(
+            self.host,
+            f"cannot connect to {self.hostname}:{self.port} "
+            f"after {self.connect_attempts} attempts: {reason}",
+        )
+
+    def _connect_once(self) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        if self.known_hosts.exists():
+            # as "system" keys: paramiko never rewrites this file; we only ever append to it
+            client.load_system_host_keys(str(self.known_hosts))
+        client.set_missing_host_key_policy(_HostKeyPolicy(self))
+        explicit = self.key_file is not None or self._password is not None
+        try:
+            client.connect(
+                self.hostname,
+                port=self.port,
+                username=self.username,
+                pkey=self._load_key(),
+                password=_reveal(self._password),
+                timeout=self.connect_timeout,
+                banner_timeout=self.connect_timeout,
+                auth_timeout=self.connect_timeout,
+                channel_timeout=self.connect_timeout,
+                allow_agent=not explicit,
+                look_for_keys=not explicit,
+                transport_factory=_fast_transport,
+            )
+        except BaseException as error:
+            client.close()
+            raise self._classify(error) from None
+        client.get_transport().set_keepalive(self.keepalive_seconds)
+        return client
+
+    def _classify(self, error: BaseException) -> BaseException:
+        """Turn what paramiko or the socket raised into one of our error types."""
+        if isinstance(error, (HostKeyRejected, AuthenticationFailed)):
+            return error
+        if isinstance(error, paramiko.BadHostKeyException):
+            return HostKeyRejected(
+                self.host,
+                f"the host key of {self.hostname}:{self.port} has CHANGED: it offered "
+                f"{error.key.get_name()} {fingerprint(error.key)} but {self.known_hosts} "
+                f"holds {fingerprint(error.expected_key)}. This can be an attack; if the "
+                f"host was really reinstalled, replace its line in {self.known_hosts}.",
+            )
+        if isinstance(error, paramiko.AuthenticationException):
+            return AuthenticationFailed(
+                self.host, f"{self.username}@{self.hostname} refused our credentials: {error}"
+            )
+        if isinstance(error, (paramiko.SSHException, OSError, EOFError)):
+            return _Unreachable(f"{type(error).__name__}: {error}")
+        return error
+
+    def _load_key(self) -> paramiko.PKey | None:
+        if self.key_file is None:
+            return None
+        try:
+            return paramiko.PKey.from_path(self.key_file, _passphrase_bytes(self._key_passphrase))
+        except FileNotFoundError:
+            problem = "does not exist"
+        except paramiko.PasswordRequiredException:
+            problem = "is encrypted: set its passphrase"
+        except (paramiko.SSHException, ValueError):
+            problem = "cannot be read: wrong passphrase or not a private key"
+        raise AuthenticationFailed(self.host, f"key file {self.key_file} {problem}")
+
+    def _record_host_key(self, lookup_name: str, key: paramiko.PKey) -> None:
+        self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+        line = f"{lookup_name} {key.get_name()} {key.get_base64()}\n"
+        with self.known_hosts.open("a") as known_hosts:
+            known_hosts.write(line)
+
+
+class _Unreachable(Exception):
+    """One connection attempt failed in a way a later attempt may not."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+class _InputClosed(Exception):
+    """The remote command closed its standard input while we were writing to it."""
+
+
+class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
+    """Called for a key not in known_hosts: refuse it, or record it when so configured."""
+
+    def __init__(self, owner: SshTransport):
+        self._owner = owner
+
+    def missing_host_key(self, client, hostname: str, key: paramiko.PKey) -> None:
+        owner = self._owner
+        if not owner.accept_unknown_host_keys:
+            raise HostKeyRejected(
+                owner.host,
+                f"unknown host key for {hostname}: {key.get_name()} {fingerprint(key)}. "
+                f"Check it with the host's administrator, then add it to {owner.known_hosts} "
+                f"(or allow accept_unknown_host_keys to record it on first use).",
+            )
+        owner._record_host_key(hostname, key)
+        client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+class _ChannelWriter:
+    """The standard input of a remote command, as a file to write to."""
+
+    def __init__(self, owner: SshTransport, channel: paramiko.Channel, argv, deadline: Deadline):
+        self._owner = owner
+        self._channel = channel
+        self._argv = argv
+        self._deadline = deadline
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        step = CHANNEL_PACKET - 64  # one SSH packet per send, no re-slicing of big buffers
+        for start in range(0, len(view), step):
+            self._send(bytes(view[start : start + step]))
+        return len(view)
+
+    def _send(self, packet: bytes) -> None:
+        self._channel.settimeout(self._deadline.remaining())
+        try:
+            self._channel.sendall(packet)
+        except socket.timeout:
+            raise command_timeout(self._owner.host, self._argv, self._deadline.timeout) from None
+        except OSError as error:
+            self._owner._raise_if_lost(self._channel, self._argv, error)
+            raise _InputClosed() from error
+
+    def flush(self) -> None:
+        pass
+
+
+class _ChannelReader:
+    """The standard output of a remote command, as a file to read from.
+
+    `read(n)` returns between 1 and n bytes (like a raw file), or b"" at the end."""
+
+    def __init__(self, owner: SshTransport, channel: paramiko.Channel, argv, deadline: Deadline):
+        self._owner = owner
+        self._channel = channel
+        self._argv = argv
+        self._deadline = deadline
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return b"".join(iter(lambda: self.read(READ_CHUNK), b""))
+        self._channel.settimeout(self._deadline.remaining())
+        try:
+            return self._channel.recv(size)
+        except socket.timeout:
+            raise command_timeout(self._owner.host, self._argv, self._deadline.timeout) from None
+
+
+def _fast_transport(sock, **kwargs) -> paramiko.Transport:
+    transport = paramiko.Transport(sock, **kwargs)
+    options = transport.get_security_options()
+    options.ciphers = PREFERRED_CIPHERS + tuple(
+        cipher for cipher in options.ciphers if cipher not in PREFERRED_CIPHERS
+    )
+    return transport
+
+
+def _as_secret(value: SecretStr | str | None) -> SecretStr | None:
+    if value is None or isinstance(value, SecretStr):
+        return value
+    return SecretStr(value)
+
+
+def _reveal(value: SecretStr | None) -> str | None:
+    return None if value is None else value.get_secret_value()
+
+
+def _passphrase_bytes(value: SecretStr | None) -> bytes | None:
+    return None if value is None else value.get_secret_value().encode()
+
+
+# -- one transport per host configuration in this process --------------------------------
+
+_shared: dict[tuple, SshTransport] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_ssh_transport(**params) -> SshTransport:
+    """The process-wide `SshTransport` for this configuration (created on first use)."""
+    key = tuple(sorted((name, _hashable(value)) for name, value in params.items()))
+    with _shared_lock:
+        transport = _shared.get(key)
+        if transport is None:
+            transport = _shared[key] = SshTransport(**params)
+        return transport
+
+
+def _hashable(value):
+    if isinstance(value, SecretStr):
+        return ("secret", hashlib.sha256(value.get_secret_value().encode()).hexdigest())
+    if isinstance(value, Path):
+        return str(value.expanduser())
+    return value
