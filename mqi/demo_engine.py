@@ -40,10 +40,15 @@ def describe_inputs(case: Path, output: Path) -> list[dict[str, object]]:
             {
                 "path": path.relative_to(case).as_posix(),
                 "size": path.stat().st_size,
-                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "sha256": _sha256_of(path),
             }
         )
     return inputs
+
+
+def _sha256_of(path: Path) -> str:
+    with open(path, "rb") as handle:  # streamed: CT series can be large
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def dose_grid(seed: str) -> bytes:
