@@ -34,11 +34,17 @@ NAMING_CONVENTION = {
 }
 
 
+def as_utc(moment: datetime) -> datetime:
+    """The same instant in UTC; a naive datetime is refused, its zone would be a guess."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"naive datetime {moment.isoformat()} given; the ledger needs aware times")
+    return moment.astimezone(UTC)
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """A timezone-aware UTC datetime on every database.
 
-    SQLite has no time zones: it stores naive UTC and we attach UTC when reading. Naive
-    values are refused on the way in, because their zone would be a guess.
+    SQLite has no time zones: it stores naive UTC and we attach UTC when reading.
     """
 
     impl = DateTime(timezone=True)
@@ -47,9 +53,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise ValueError(f"naive datetime {value.isoformat()} given; the ledger needs aware times")
-        value = value.astimezone(UTC)
+        value = as_utc(value)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:

@@ -30,7 +30,7 @@ from mqi.ledger.engine import (
     safe_url,
     writer_engine,
 )
-from mqi.ledger.models import AttemptRow, CaseRow, EventRow, GpuGroupRow
+from mqi.ledger.models import AttemptRow, CaseRow, EventRow, GpuGroupRow, as_utc
 from mqi.ledger.records import Attempt, Case, CaseOverview, Event, GpuGroup
 from mqi.ledger.states import (
     FINISHED_STATES,
@@ -110,6 +110,13 @@ class Ledger:
             ) from None
         return ledger
 
+    def _now(self) -> datetime:
+        return as_utc(self._clock())
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
     def close(self) -> None:
         self._engine.dispose()
 
@@ -179,7 +186,7 @@ class Ledger:
             existing = session.scalar(select(CaseRow).where(CaseRow.source == key))
             if existing is not None:
                 return Case.from_row(existing), False
-            now = self._clock()
+            now = self._now()
             row = CaseRow(
                 uid=new_uid(),
                 source=key,
@@ -193,7 +200,7 @@ class Ledger:
             )
             session.add(row)
             session.flush()
-            session.add(_event(row.id, now, None, CaseState.PENDING, actor, f"registered {key}"))
+            session.add(_event(row.id, now, None, CaseState.PENDING, actor, f"registered {display_text(key)}"))
             return Case.from_row(row), True
 
         try:
@@ -295,7 +302,7 @@ class Ledger:
                 _attempt_row_of_case(session, attempt_id, case_id)
             if target is CaseState.PENDING or target in FINISHED_STATES:
                 _require_no_live_attempt(session, case_id, f"moving the case to {target}")
-            now = self._clock()
+            now = self._now()
             row.state = target
             row.updated_at = now
             resting = target in (CaseState.FAILED, CaseState.CANCELLED)
@@ -321,7 +328,7 @@ class Ledger:
             row = _case_row(session, case_id, for_update=True)
             if row.progress != percent:
                 row.progress = int(percent)
-                row.updated_at = self._clock()
+                row.updated_at = self._now()
             return Case.from_row(row)
 
         return self._write(store)
@@ -332,7 +339,7 @@ class Ledger:
         def store(session: Session) -> Case:
             row = _case_row(session, case_id, for_update=True)
             row.pinned_host, row.pinned_group = host, group
-            row.updated_at = self._clock()
+            row.updated_at = self._now()
             return Case.from_row(row)
 
         return self._write(store)
@@ -376,7 +383,7 @@ class Ledger:
                 pueue_task_id=task_id,
                 remote_dir=remote_dir,
                 flow_run_id=None if flow_run_id is None else str(flow_run_id),
-                submitted_at=self._clock(),
+                submitted_at=self._now(),
             )
             session.add(row)
             session.flush()
@@ -404,9 +411,7 @@ class Ledger:
                     f"attempt {attempt_id} is finished ({row.result}); its record is final"
                 )
             for name, value in fields.items():
-                if name == "flow_run_id" and value is not None:
-                    value = str(value)
-                setattr(row, UPDATABLE_ATTEMPT_FIELDS[name], value)
+                setattr(row, UPDATABLE_ATTEMPT_FIELDS[name], _attempt_value(name, value))
             return Attempt.from_row(row)
 
         return self._write(store)
@@ -436,7 +441,7 @@ class Ledger:
                 )
             row.result = outcome
             row.exit_code = exit_code
-            row.ended_at = ended_at or self._clock()
+            row.ended_at = self._now() if ended_at is None else as_utc(ended_at)
             return Attempt.from_row(row)
 
         return self._write(store)
@@ -473,7 +478,7 @@ class Ledger:
         wanted = {(host, group): (slots, [str(d) for d in devices]) for host, group, slots, devices in groups}
 
         def store(session: Session) -> list[GpuGroup]:
-            now = self._clock()
+            now = self._now()
             rows = {(r.host, r.pueue_group): r for r in session.scalars(select(GpuGroupRow))}
             for key, (slots, devices) in wanted.items():
                 row = rows.get(key)
@@ -497,6 +502,16 @@ class Ledger:
             if not include_inactive:
                 query = query.where(GpuGroupRow.active.is_(True))
             return _sorted_groups(session.scalars(query))
+
+
+def _attempt_value(name: str, value: object) -> object:
+    if value is None:
+        return None
+    if name in ("submitted_at", "started_at"):
+        return as_utc(value)  # type: ignore[arg-type]
+    if name == "flow_run_id":
+        return str(value)  # Prefect hands out UUID objects
+    return value
 
 
 def _sorted_groups(rows: Iterable[GpuGroupRow]) -> list[GpuGroup]:
