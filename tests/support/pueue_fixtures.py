@@ -22,7 +22,7 @@ import pytest
 from tests.support.fake_pueue.daemon import kill_leftover_process
 from tests.support.fake_pueue.store import ACTIVE, StateDir
 
-ENTRY_POINT = Path(__file__).resolve().parent / "fake_pueue" / "main.py"
+PACKAGE_PARENT = Path(__file__).resolve().parent  # holds the fake_pueue package
 DAEMON_START_TIMEOUT = 10.0
 
 
@@ -175,12 +175,23 @@ def install_fake_pueue(
     wrappers = {}
     for program in ("pueue", "pueued"):
         wrapper = bin_dir / program
-        # -E -S: ignore the caller's PYTHON* variables and skip site imports (fast start).
-        command = shlex.join([python, "-E", "-S", str(ENTRY_POINT), program, str(state_dir)])
-        wrapper.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+        wrapper.write_text(_wrapper_script(python, program, state_dir))
         wrapper.chmod(0o755)
         wrappers[program] = wrapper
     return FakePueue(root=root, bin=wrappers["pueue"], daemon_bin=wrappers["pueued"], state_dir=state_dir)
+
+
+def _wrapper_script(python: str, program: str, state_dir: Path) -> str:
+    # A Python script rather than a shell one: a shell would add PWD to the environment
+    # that `pueue add` records. -ES: no site imports, PYTHON* variables ignored (fast start).
+    return (
+        f"#!{python} -ES\n"
+        f"# fake {program} for tests, state in {state_dir}\n"
+        "import sys\n"
+        f"sys.path.insert(0, {str(PACKAGE_PARENT)!r})\n"
+        "from fake_pueue.main import main\n"
+        f"sys.exit(main({program!r}, {str(state_dir)!r}, sys.argv[1:]))\n"
+    )
 
 
 @pytest.fixture

@@ -28,7 +28,8 @@ class Failure(Exception):
 
 def main(state_dir: str, argv: list[str]) -> int:
     store = StateDir(state_dir)
-    store.record_call(argv)
+    if store.root.is_dir():
+        store.record_call(argv)
     try:
         path, options = parse_client_args(argv)
     except UsageError as error:
@@ -160,7 +161,7 @@ def add(client: Client, options: dict) -> str:
             "original_command": command,
             "command": command,
             "path": path,
-            "envs": dict(os.environ),
+            "envs": caller_environment(),
             "group": group_name,
             "dependencies": sorted(set(options["after"])),
             "priority": options["priority"] or 0,
@@ -179,6 +180,14 @@ def add(client: Client, options: dict) -> str:
     if group["status"] == "Paused":
         text += "\nThe group of this task is currently paused!"
     return text
+
+
+def caller_environment() -> dict:
+    env = dict(os.environ)
+    # Python started in the C locale adds LC_CTYPE=C.UTF-8 (PEP 538): not the caller's.
+    if sys.flags.utf8_mode and not env.get("LC_ALL"):
+        env.pop("LC_CTYPE", None)
+    return env
 
 
 def _escaped(words: list[str]) -> list[str]:

@@ -1,17 +1,24 @@
-"""Entry point of the wrapper scripts: `main.py pueue STATE_DIR ARGS...` or `main.py pueued STATE_DIR ARGS...`.
+"""What the wrapper scripts call: `main("pueue" | "pueued", state_dir, args)`.
 
-Run as a script (the wrappers use `python -E -S`, so start-up stays in the tens of
-milliseconds); it puts the folder holding the `fake_pueue` package on sys.path itself.
+The wrappers are Python scripts run with `python -ES` (no site imports, PYTHON* variables
+ignored) so that a call starts in a few tens of milliseconds; no shell sits in between, so the
+caller's environment reaches `pueue add` unchanged.
 """
 
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+def main(program: str, state_dir: str, args: list[str]) -> int:
+    if program == "pueued":
+        return pueued(state_dir, args)
+    from .commands import main as client_main
+
+    return client_main(state_dir, args)
 
 
 def pueued(state_dir: str, args: list[str]) -> int:
-    from fake_pueue.daemon import run_daemon
+    from .daemon import run_daemon
 
     if args in ([], ["-d"], ["--daemonize"]):
         return start_in_background(state_dir) if args else run_daemon(state_dir)
@@ -20,12 +27,12 @@ def pueued(state_dir: str, args: list[str]) -> int:
 
 
 def start_in_background(state_dir: str) -> int:
-    """`pueued -d`: detach a daemon, and return once it answers (or has failed)."""
+    """`pueued -d`: detach a daemon (this same wrapper without -d); return once it answers."""
     import subprocess
     import time
 
-    from fake_pueue.daemon import already_running_message
-    from fake_pueue.store import StateDir
+    from .daemon import already_running_message
+    from .store import StateDir
 
     store = StateDir(state_dir)
     if store.daemon_running():
@@ -33,7 +40,7 @@ def start_in_background(state_dir: str) -> int:
         return 1
     with open(store.root / "daemon.log", "ab") as output:
         process = subprocess.Popen(
-            [sys.executable, "-E", "-S", os.path.abspath(__file__), "pueued", state_dir],
+            [os.path.abspath(sys.argv[0])],
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -47,16 +54,3 @@ def start_in_background(state_dir: str) -> int:
             return 1
         time.sleep(0.02)
     return 1
-
-
-def main() -> int:
-    program, state_dir, *args = sys.argv[1:]
-    if program == "pueued":
-        return pueued(state_dir, args)
-    from fake_pueue.commands import main as client_main
-
-    return client_main(state_dir, args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
