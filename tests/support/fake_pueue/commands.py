@@ -115,6 +115,11 @@ def signal_task(task: dict, signum: int) -> None:
         pass  # ended already; the daemon reaps it on its next loop
 
 
+def kill_task(task: dict) -> None:
+    signal_task(task, signal.SIGKILL)
+    task["kill_requested"] = now_ns()  # the daemon reports the death a little later
+
+
 def set_paused(task: dict, paused: bool) -> None:
     signal_task(task, signal.SIGSTOP if paused else signal.SIGCONT)
     task["status"] = "Paused" if paused else "Running"
@@ -260,12 +265,12 @@ def kill(client: Client, options: dict) -> str:
         if options["task_ids"]:
             matching, failing = split_ids(state, options["task_ids"], lambda t: t["status"] in ACTIVE)
             for task_id in matching:
-                signal_task(state["tasks"][str(task_id)], signal.SIGKILL)
+                kill_task(state["tasks"][str(task_id)])
             return task_response("Tasks are being killed", matching, failing)
         groups = selected_groups(state, options)
         for task in state["tasks"].values():
             if task["group"] in groups and task["status"] in ACTIVE:
-                signal_task(task, signal.SIGKILL)
+                kill_task(task)
         for name in groups:
             state["groups"][name]["status"] = "Paused"  # pueue pauses what it kills by group
     if options["all"]:
@@ -391,7 +396,7 @@ def reset(client: Client, options: dict) -> str:
             group["status"] = "Reset"
         for task in state["tasks"].values():
             if task["status"] in ACTIVE:
-                signal_task(task, signal.SIGKILL)
+                kill_task(task)
     return "Everything is being reset right now."
 
 

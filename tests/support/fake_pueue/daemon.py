@@ -17,6 +17,9 @@ import time
 from .store import ACTIVE, FINISHED, StateDir, now_ns
 
 LOOP_SECONDS = 0.2  # pueue's own task loop sleeps about this long
+# pueue notices a killed task on a later loop; hold the news at least this long after the
+# kill so that a poll right after `pueue kill` reliably still sees the task Running.
+KILL_NOTICE_NS = 250_000_000
 
 
 def run_daemon(state_dir: str) -> int:
@@ -94,10 +97,10 @@ class Daemon:
     def reap(self, state: dict) -> None:
         for task_id, process in list(self.children.items()):
             code = process.poll()
-            if code is None:
+            task = state["tasks"].get(str(task_id))
+            if code is None or (task and now_ns() - (task.get("kill_requested") or 0) < KILL_NOTICE_NS):
                 continue
             del self.children[task_id]
-            task = state["tasks"].get(str(task_id))
             if task is not None and task["pid"] == process.pid and task["status"] in ACTIVE:
                 self.finish(task, result_of_exit(code))
 
