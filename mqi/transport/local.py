@@ -91,6 +91,7 @@ class LocalTransport(Transport):
             stderr = _Drain(process.stderr)
             try:
                 value = read(process.stdout)
+                _discard_rest(process.stdout)  # let the command finish, as over SSH
             except BaseException:
                 _kill_group(process)
                 process.wait()
@@ -179,6 +180,11 @@ def _kill_group(process: subprocess.Popen) -> None:
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
+        pass
+
+
+def _discard_rest(pipe: BinaryIO) -> None:
+    while pipe.read1(65536):
         pass
 
 

@@ -1,0 +1,400 @@
+"""Both ends of a folder transfer as one tar stream with a manifest at its end.
+
+This module runs in two places: imported by `mqi.transfer` on this machine, and sent as
+source text to a remote host (`python3 -I -c <this file> COMMAND DIR`), where it is the
+receiver of uploads and the sender of downloads. So it uses only the standard library and
+the Python 3.6 language, and file names never appear on any command line: they travel only
+inside the stream.
+
+The stream is a POSIX (pax) tar archive. The sender hashes every file while it reads it and
+appends the manifest (path, type, mode, size, sha256) as a last member marked with a pax
+header; the receiver hashes what it writes and compares. A stream without that last member
+was cut short, and nothing of it is ever put in place: the receiver extracts into a hidden
+sibling folder and renames it into place only after the comparison succeeded.
+
+Symbolic links inside the folder are carried as links, provided their target is relative
+and stays inside the folder (an absolute target would break once the folder moves).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import sys
+import tarfile
+import tempfile
+
+CHUNK = 1024 * 1024
+MANIFEST_MARK = "MQI.manifest"  # pax header key on the final member
+MANIFEST_NAME = ".mqi-manifest.json"
+EXIT_BAD_STREAM = 2
+EXIT_MISSING = 3
+EXIT_REFUSED = 4
+FILE, DIR, SYMLINK = "file", "dir", "symlink"
+SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+class RefusedEntry(Exception):
+    """Something in the folder cannot be carried; `path` is relative to the folder."""
+
+    def __init__(self, path, reason):
+        self.path = path
+        self.reason = reason
+        super().__init__("{!r}: {}".format(path, reason))
+
+
+class StreamError(Exception):
+    """The stream was cut short, malformed, or does not match its manifest."""
+
+
+class Entry:
+    """One thing found in the folder, as seen by lstat before it is read."""
+
+    __slots__ = ("path", "kind", "mode", "size", "mtime_ns", "inode", "target")
+
+    def __init__(self, path, kind, st, target=""):
+        self.path = path
+        self.kind = kind
+        self.mode = stat.S_IMODE(st.st_mode)
+        self.size = st.st_size if kind == FILE else 0
+        self.mtime_ns = st.st_mtime_ns
+        self.inode = (st.st_dev, st.st_ino)
+        self.target = target
+
+    def record(self, sha256=""):
+        """This entry as a manifest record."""
+        return {
+            "path": self.path,
+            "type": self.kind,
+            "mode": self.mode,
+            "size": self.size,
+            "sha256": sha256,
+            "target": self.target,
+        }
+
+
+# -- reading a folder ------------------------------------------------------------------
+
+
+def scan(root):
+    """Every entry below `root` (parents before children), or RefusedEntry for the first
+    one that cannot be carried."""
+    entries = []
+    _scan_into(root, "", entries)
+    return entries
+
+
+def _scan_into(root, prefix, entries):
+    folder = os.path.join(root, prefix) if prefix else root
+    try:
+        children = sorted(os.scandir(folder), key=lambda child: os.fsencode(child.name))
+    except PermissionError:
+        raise RefusedEntry(prefix or ".", "folder cannot be listed (permission denied)")
+    for child in children:
+        path = prefix + "/" + child.name if prefix else child.name
+        st = child.stat(follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            entries.append(Entry(path, DIR, st))
+            _scan_into(root, path, entries)
+        elif stat.S_ISREG(st.st_mode):
+            entries.append(Entry(path, FILE, st))
+        elif stat.S_ISLNK(st.st_mode):
+            entries.append(Entry(path, SYMLINK, st, _inside_target(root, path)))
+        else:
+            raise RefusedEntry(path, "is " + _special_kind(st.st_mode) + ", not a file")
+
+
+def _special_kind(mode):
+    for test, name in SPECIAL_KINDS:
+        if test(mode):
+            return name
+    return "of an unknown type"
+
+
+def _inside_target(root, path):
+    target = os.readlink(os.path.join(root, path))
+    if os.path.isabs(target):
+        raise RefusedEntry(path, "is a symbolic link to an absolute path ({!r})".format(target))
+    resolved = os.path.normpath(os.path.join(os.path.dirname(path), target))
+    if resolved == ".." or resolved.startswith("../"):
+        raise RefusedEntry(path, "is a symbolic link leaving the folder ({!r})".format(target))
+    return target
+
+
+def manifest_of(root, entries):
+    """The manifest of `entries` under `root`, hashing every file (a separate read pass)."""
+    return [entry.record(_hash_file(root, entry, None)) if entry.kind == FILE else entry.record()
+            for entry in entries]  # fmt: skip
+
+
+def _hash_file(root, entry, out):
+    """Read one file, hash it, copy it to `out` (if given), and make sure it did not change
+    since `entry` was taken."""
+    try:
+        fd = os.open(os.path.join(root, entry.path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except PermissionError:
+        raise RefusedEntry(entry.path, "cannot be read (permission denied)")
+    except OSError as error:
+        raise RefusedEntry(entry.path, "cannot be opened ({})".format(error.strerror))
+    digest = hashlib.sha256()
+    copied = 0
+    with open(fd, "rb", buffering=0) as source:
+        if not _unchanged(entry, os.fstat(fd)):
+            raise RefusedEntry(entry.path, "changed while the folder was being read")
+        try:
+            for chunk in iter(lambda: source.read(CHUNK), b""):
+                copied += len(chunk)
+                if copied > entry.size:
+                    break
+                digest.update(chunk)
+                if out is not None:
+                    out.write(chunk)
+        except OSError as error:
+            raise RefusedEntry(entry.path, "cannot be read ({})".format(error.strerror))
+        if copied != entry.size or not _unchanged(entry, os.fstat(fd)):
+            raise RefusedEntry(entry.path, "changed while the folder was being read")
+    return digest.hexdigest()
+
+
+def _unchanged(entry, st):
+    return (
+        stat.S_ISREG(st.st_mode)
+        and (st.st_dev, st.st_ino) == entry.inode
+        and st.st_size == entry.size
+        and st.st_mtime_ns == entry.mtime_ns
+    )
+
+
+# -- writing the stream ----------------------------------------------------------------
+
+
+def send_tree(root, entries, out):
+    """Write `entries` as a tar stream ending with their manifest; return the manifest."""
+    manifest = []
+    for entry in entries:
+        info = tarfile.TarInfo(entry.path)
+        info.mode = entry.mode
+        info.mtime = entry.mtime_ns // 1_000_000_000
+        if entry.kind == DIR:
+            info.type = tarfile.DIRTYPE
+        elif entry.kind == SYMLINK:
+            info.type = tarfile.SYMTYPE
+            info.linkname = entry.target
+        else:
+            info.size = entry.size
+        out.write(_header(info))
+        if entry.kind == FILE:
+            manifest.append(entry.record(_hash_file(root, entry, out)))
+            out.write(_padding(entry.size))
+        else:
+            manifest.append(entry.record())
+    _send_manifest(manifest, out)
+    return manifest
+
+
+def _send_manifest(manifest, out):
+    data = json.dumps(manifest).encode("ascii")
+    info = tarfile.TarInfo(MANIFEST_NAME)
+    info.size = len(data)
+    info.pax_headers = {MANIFEST_MARK: "1"}
+    out.write(_header(info) + data + _padding(len(data)))
+    out.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))  # end of archive
+    out.flush()
+
+
+def _header(info):
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _padding(size):
+    return tarfile.NUL * (-size % tarfile.BLOCKSIZE)
+
+
+# -- reading the stream ----------------------------------------------------------------
+
+
+def receive_tree(stream, dest):
+    """Extract a stream made by `send_tree` into the empty folder `dest`, hashing what is
+    written; return the manifest, or raise StreamError when it is not what was sent."""
+    received = []
+    links = []
+    folders = []
+    try:
+        archive = tarfile.open(
+            fileobj=stream, mode="r|", bufsize=CHUNK, encoding="utf-8", errors="surrogateescape"
+        )
+        for member in archive:
+            if MANIFEST_MARK in member.pax_headers:
+                sent = json.loads(archive.extractfile(member).read().decode("ascii"))
+                break
+            path = _safe_path(member.name)
+            target = os.path.join(dest, path)
+            mode = stat.S_IMODE(member.mode)
+            if member.isdir():
+                os.makedirs(target, exist_ok=True)
+                folders.append((target, mode))
+                received.append(_record(path, DIR, mode))
+            elif member.isfile():
+                digest = _write_file(archive.extractfile(member), target, member)
+                received.append(_record(path, FILE, mode, member.size, digest))
+            elif member.issym():
+                links.append((member.linkname, target))
+                received.append(_record(path, SYMLINK, mode, target=member.linkname))
+            else:
+                raise StreamError("unexpected member type in stream: {!r}".format(path))
+        else:
+            raise StreamError("the stream ended before its manifest: transfer cut short")
+    except (tarfile.TarError, EOFError, ValueError) as error:
+        raise StreamError("the stream is incomplete or damaged: {}".format(error))
+    # links last, so nothing is ever written through one; folder modes last, so a
+    # read-only folder can still be filled
+    for link_target, path in links:
+        os.symlink(link_target, path)
+    for path, mode in reversed(folders):
+        os.chmod(path, mode)
+    _compare(sent, received)
+    return received
+
+
+def _record(path, kind, mode, size=0, sha256="", target=""):
+    return {"path": path, "type": kind, "mode": mode, "size": size, "sha256": sha256,
+            "target": target}  # fmt: skip
+
+
+def _safe_path(name):
+    parts = name.split("/")
+    if name.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise StreamError("unsafe path in stream: {!r}".format(name))
+    return name
+
+
+def _write_file(source, target, member):
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    digest = hashlib.sha256()
+    with open(fd, "wb", buffering=0) as sink:
+        for chunk in iter(lambda: source.read(CHUNK), b""):
+            digest.update(chunk)
+            sink.write(chunk)
+        os.fchmod(fd, stat.S_IMODE(member.mode))
+        os.utime(fd, (member.mtime, member.mtime))
+    return digest.hexdigest()
+
+
+def _compare(sent, received):
+    if sent == received:
+        return
+    sent_by_path = {record["path"]: record for record in sent}
+    got_by_path = {record["path"]: record for record in received}
+    differing = sorted(
+        path
+        for path in set(sent_by_path) | set(got_by_path)
+        if sent_by_path.get(path) != got_by_path.get(path)
+    )
+    raise StreamError(
+        "what arrived does not match what was sent ({} entries differ, first: {})".format(
+            len(differing), ", ".join(repr(path) for path in differing[:3])
+        )
+    )
+
+
+# -- putting a folder in place ---------------------------------------------------------
+
+
+def staging_folder(final):
+    """A new empty hidden sibling of `final` to receive into; stale ones are removed."""
+    parent, name = os.path.split(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    for sibling in os.listdir(parent):
+        if sibling.startswith("." + name + ".mqi-"):
+            shutil.rmtree(os.path.join(parent, sibling), ignore_errors=True)
+    staged = tempfile.mkdtemp(prefix="." + name + ".mqi-partial-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staged, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+    return staged
+
+
+def put_in_place(staged, final):
+    """Replace `final` by the verified `staged` folder (the old one is removed after)."""
+    final = os.path.abspath(final)
+    if not os.path.lexists(final):
+        os.rename(staged, final)
+        return
+    parent, name = os.path.split(final)
+    old = tempfile.mkdtemp(prefix="." + name + ".mqi-old-", dir=parent)
+    os.rename(final, os.path.join(old, name))
+    os.rename(staged, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -- the remote commands ---------------------------------------------------------------
+
+
+def command_manifest(folder):
+    """Print the manifest of `folder` (hashing its files), or null when it is missing."""
+    if not os.path.isdir(folder):
+        manifest = None
+    else:
+        manifest = manifest_of(folder, scan(folder))
+    _print_json({"manifest": manifest})
+
+
+def command_receive(folder):
+    """Extract the stream on stdin into `folder` (replacing it) once it verified."""
+    staged = staging_folder(folder)
+    try:
+        manifest = receive_tree(sys.stdin.buffer, staged)
+        put_in_place(staged, folder)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    _print_json({"manifest": manifest})
+
+
+def command_send(folder):
+    """Write `folder` to stdout as a stream."""
+    if not os.path.isdir(folder):
+        _fail(EXIT_MISSING, "no such folder: {!r}".format(folder))
+    send_tree(folder, scan(folder), sys.stdout.buffer)
+
+
+def command_remove(folder):
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _print_json(value):
+    sys.stdout.write(json.dumps(value))
+    sys.stdout.flush()
+
+
+def _fail(code, message):
+    sys.stderr.write(message + "\n")
+    sys.exit(code)
+
+
+COMMANDS = {
+    "manifest": command_manifest,
+    "receive": command_receive,
+    "send": command_send,
+    "remove": command_remove,
+}
+
+
+def main(args):
+    command, folder = args
+    try:
+        COMMANDS[command](os.path.expanduser(folder))
+    except StreamError as error:
+        _fail(EXIT_BAD_STREAM, str(error))
+    except RefusedEntry as error:
+        _fail(EXIT_REFUSED, str(error))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
