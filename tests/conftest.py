@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.support.sshd",
     "tests.support.pueue_fixtures",
     "tests.support.databases",
+    "tests.support.prefect_harness",
 ]

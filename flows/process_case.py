@@ -1,0 +1,46 @@
+"""`process-case`: one case from its folder to verified results, as the UI shows it."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.hooks import cancel_remote_task
+from mqi.ledger.records import Case
+from mqi.ledger.states import FINISHED_STATES
+from tasks.case_steps import (
+    claim_case,
+    choose_placement,
+    live_attempt,
+    placement_of,
+    record_outcome,
+    register_case,
+    submit_case,
+    upload_case,
+    wait_until_done,
+)
+from tasks.publish import gpu_slot, publish_outcome
+
+
+@flow(name="process-case", on_cancellation=[cancel_remote_task])
+def process_case(case: str, host: str | None = None, group: str | None = None) -> str:
+    """Run one case: CASE is its folder, id or uid; HOST/GROUP pin where it runs."""
+    record = register_case(case)
+    if record.state in FINISHED_STATES:
+        return record.state.value  # a rerun is `mqi retry`, a new attempt
+    with claim_case(record):  # one live run per case; the claim dies with the process
+        return run_case(record, host, group)
+
+
+def run_case(record: Case, host: str | None, group: str | None) -> str:
+    attempt = live_attempt(record)  # a live attempt is resumed: never a second remote task
+    if attempt is None:
+        placement = choose_placement(record, host, group)
+        upload_case(record, placement)  # before taking the slot: the GPU never waits for us
+    else:
+        placement = placement_of(attempt)
+    with gpu_slot(placement):  # from submission until the task is finished or killed
+        attempt = submit_case(record, placement, attempt)
+        outcome = wait_until_done(record, attempt)
+    record = record_outcome(record, attempt, outcome)  # downloads after giving the slot back
+    publish_outcome(record)
+    return record.state.value

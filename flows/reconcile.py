@@ -1,0 +1,73 @@
+"""`reconcile`: put right what crashes and outages left behind."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+from mqi import casework
+from mqi.ledger.states import AttemptResult, CaseState
+from mqi.runtime import get_site
+from mqi.transport.base import TransportError
+from tasks.launch import launch_cases, running_case_ids
+from tasks.publish import held_slots
+
+
+@task(name="adopt-unknown-tasks")
+def adopt_unknown_tasks() -> list[str]:
+    """Our labelled tasks that the ledger lacks (a crash right after `pueue add`)."""
+    site = get_site()
+    notes = []
+    for host in site.settings.hosts:
+        try:
+            notes += casework.adopt_unknown_tasks(site, host.name, "reconcile")
+        except TransportError as exc:
+            notes.append(f"host {host.name}: not checked: {exc}")
+    return notes
+
+
+@task(name="retry-unconfirmed-kills")
+def retry_unconfirmed_kills() -> list[str]:
+    site = get_site()
+    notes = []
+    for case in site.ledger.cases_in_states([CaseState.KILLING]):
+        attempt = site.ledger.live_attempt(case.id)
+        if attempt is not None and case.id not in running_case_ids():
+            confirmed = casework.kill(site, case, attempt, AttemptResult.TIMEOUT, "kill retried by reconcile",
+                                      "reconcile")
+            notes.append(f"case {case.name}: kill {'confirmed' if confirmed else 'still not confirmed'}")
+    return notes
+
+
+@task(name="resume-orphaned-cases")
+def resume_orphaned_cases() -> list[str]:
+    """Cases whose process-case run died (crash, reboot) get a new run that resumes them."""
+    site = get_site()
+    orphans = [c for c in casework.orphaned_cases(site, running_case_ids()) if c.state is not CaseState.KILLING]
+    launch_cases(orphans)
+    return [f"case {c.name}: resumed from {c.state.value}" for c in orphans]
+
+
+@task(name="report-held-slots")
+def report_held_slots() -> list[str]:
+    """GPU slots held in Prefect beyond the live attempts the ledger knows of."""
+    site = get_site()
+    live = casework.live_attempts_per_group(site)
+    notes = []
+    for (host, group), held in held_slots(site.settings).items():
+        if held > live.get((host, group), 0):
+            notes.append(f"{host}/{group}: {held} slot(s) held, {live.get((host, group), 0)} live case(s); "
+                         "a dead holder's lease runs out by itself")
+    return notes
+
+
+@flow(name="reconcile")
+def reconcile() -> list[str]:
+    """Adopt lost task ids, retry kills, resume orphaned cases, report stray GPU slots."""
+    notes = adopt_unknown_tasks() + retry_unconfirmed_kills() + resume_orphaned_cases() + report_held_slots()
+    for note in notes:
+        get_run_logger().info(note)
+    if notes:
+        create_table_artifact(table=[{"finding": n} for n in notes], key="reconcile-findings",
+                              description="what reconcile found and did")
+    return notes

@@ -1,0 +1,422 @@
+"""The steps of one case, as plain Python: the Prefect tasks are thin wrappers around these.
+
+Every step records what it did in the ledger before it returns, so that a crash at any point
+leaves a ledger from which `reconcile` can tell what to do next.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from mqi import transfer
+from mqi.errors import MqiError
+from mqi.ledger.records import Attempt, Case
+from mqi.ledger.states import ACTIVE_STATES, AttemptResult, CaseState, FailureCategory
+from mqi.queue.base import SubmitRequest, TaskInfo, TaskResult, TaskState
+from mqi.site import Placement, Site
+from mqi.transport.base import TransportError
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_SECONDS = 300.0
+PROGRESS_EVERY_SECONDS = 30.0
+
+
+class CaseStepError(MqiError):
+    """A step failed for a reason recorded in the ledger; the case is already marked."""
+
+
+def attempt_label(case: Case, number: int) -> str:
+    return f"mqi-{case.uid}-a{number}"
+
+
+# -- register and place ------------------------------------------------------------------
+
+
+def register(site: Site, ref: str, actor: str) -> Case:
+    """The case for a folder path (registered if new), an id or a uid."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        case, _ = site.ledger.register_case(path.resolve(), actor=actor)
+        return case
+    return site.ledger.find_case(ref)
+
+
+def choose_placement(site: Site, case: Case, host: str | None = None, group: str | None = None) -> Placement:
+    """The least busy configured group (live attempts per slot), honouring any pin."""
+    host = host or case.pinned_host
+    group = group or case.pinned_group
+    busy = live_attempts_per_group(site)
+    candidates = [
+        site.placement(h.name, g.name)
+        for h in site.settings.hosts
+        if host is None or h.name == host
+        for g in h.groups
+        if group is None or g.name == group
+    ]
+    if not candidates:
+        raise MqiError(f"no configured group matches host={host!r} group={group!r}")
+    return min(candidates, key=lambda p: busy.get((p.host.name, p.group.name), 0) / p.group.slots)
+
+
+def live_attempts_per_group(site: Site) -> dict[tuple[str, str], int]:
+    counts: dict[tuple[str, str], int] = {}
+    for active in site.ledger.cases_in_states(ACTIVE_STATES):
+        attempt = site.ledger.live_attempt(active.id)
+        if attempt is not None:
+            counts[(attempt.host, attempt.group)] = counts.get((attempt.host, attempt.group), 0) + 1
+    return counts
+
+
+# -- upload and submit -------------------------------------------------------------------
+
+
+def upload(site: Site, case: Case, placement: Placement, actor: str) -> None:
+    """Send the case folder to the host, verified. An input error fails the case for good."""
+    if site.ledger.get_case(case.id).state is not CaseState.UPLOADING:  # else resuming a broken upload
+        site.ledger.transition(case.id, CaseState.UPLOADING, actor=actor, message=f"to {placement.host.name}")
+    remote_dir = site.remote_case_dir(placement.host, case.uid)
+    try:
+        transfer.upload_case(
+            site.transport(placement.host.name),
+            case.folder,
+            remote_dir,
+            timeout=site.settings.transfer.timeout_seconds,
+        )
+    except transfer.CaseInputError as exc:
+        fail_case(site, case, None, FailureCategory.INPUT, str(exc), actor)
+        raise CaseStepError(str(exc)) from exc
+    except TransportError as exc:
+        # Back in line: the case is retried when the host answers again.
+        site.ledger.transition(case.id, CaseState.PENDING, actor=actor, message=f"upload interrupted: {exc}")
+        raise
+
+
+def submit(site: Site, case: Case, placement: Placement, actor: str, flow_run_id: str | None = None) -> Attempt:
+    """Add the pueue task (adopting one with the same label) and record it."""
+    number = len(site.ledger.attempts(case.id)) + 1
+    label = attempt_label(case, number)
+    remote_dir = site.remote_case_dir(placement.host, case.uid)
+    # The attempt is written before `pueue add`, so a crash in between leaves its label in the
+    # ledger and the task is adopted by label instead of added twice.
+    attempt = site.ledger.start_attempt(
+        case.id,
+        host=placement.host.name,
+        group=placement.group.name,
+        label=label,
+        remote_dir=remote_dir,
+        flow_run_id=flow_run_id,
+    )
+    return add_task(site, case, attempt, placement, actor)
+
+
+def add_task(site: Site, case: Case, attempt: Attempt, placement: Placement, actor: str) -> Attempt:
+    output_dir = f"{attempt.remote_dir}/{site.settings.case.output_subdir}"
+    env = {"MQI_CASE_UID": case.uid, "MQI_OUTPUT_DIR": output_dir}
+    if placement.group.devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = placement.group.devices
+    request = SubmitRequest(
+        label=attempt.label,
+        group=placement.group.name,
+        workdir=attempt.remote_dir,
+        command=site.settings.case.command,
+        env=env,
+    )
+    task_id = site.queue(placement.host.name).submit(request)
+    site.status(placement.host.name).invalidate()
+    attempt = site.ledger.update_attempt(attempt.id, task_id=task_id)
+    site.ledger.transition(
+        case.id,
+        CaseState.QUEUED,
+        actor=actor,
+        attempt_id=attempt.id,
+        message=f"pueue task {task_id} in {placement.host.name}/{placement.group.name}",
+    )
+    return attempt
+
+
+# -- wait --------------------------------------------------------------------------------
+
+
+@dataclass
+class WaitOutcome:
+    result: AttemptResult | None  # None: the task vanished; decide from the results on the host
+    exit_code: int | None = None
+    task: TaskInfo | None = None
+    message: str = ""
+
+
+@dataclass
+class Waiter:
+    """Polls one attempt until its task ends, the deadline passes, or it vanishes."""
+
+    site: Site
+    case: Case
+    attempt: Attempt
+    actor: str
+    on_progress: Callable[[int], None] = lambda percent: None
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+    _last_progress: float = field(default=0.0, init=False)
+
+    @property
+    def deadline(self) -> datetime:
+        started = self.attempt.started_at or self.attempt.submitted_at
+        return started + timedelta(hours=self.site.settings.case.timeout_hours)
+
+    def wait(self) -> WaitOutcome:
+        poll = self.site.settings.case.poll_seconds
+        backoff = poll
+        status = self.site.status(self.attempt.host)
+        while True:
+            remaining = (self.deadline - self.clock()).total_seconds()
+            if remaining <= 0:
+                return WaitOutcome(AttemptResult.TIMEOUT, message="timed out")
+            try:
+                task = status.snapshot().find(self.attempt.task_id, self.attempt.label)
+            except TransportError as exc:
+                if not exc.transient:
+                    raise
+                # Unreachable is not a failure: keep waiting, the timeout clock keeps running.
+                log.warning("case %s: %s; polling again in %.0f s", self.case.uid, exc, backoff)
+                self.sleep(min(backoff, remaining))
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                continue
+            backoff = poll
+            if task is None:
+                return WaitOutcome(None, message="the task vanished from the queue")
+            self._note_start(task)
+            if task.finished:
+                return outcome_of(task)
+            self._update_progress(task)
+            self.sleep(min(poll, remaining))
+
+    def _note_start(self, task: TaskInfo) -> None:
+        if task.state is TaskState.QUEUED or self.attempt.started_at is not None:
+            return
+        if task.start is None and task.state is not TaskState.RUNNING:
+            return
+        self.attempt = self.site.ledger.update_attempt(self.attempt.id, started_at=task.start or self.clock())
+        if self.site.ledger.get_case(self.case.id).state is CaseState.QUEUED:
+            self.site.ledger.transition(
+                self.case.id, CaseState.RUNNING, actor=self.actor, attempt_id=self.attempt.id, message="task started"
+            )
+
+    def _update_progress(self, task: TaskInfo) -> None:
+        if task.state is not TaskState.RUNNING or time.monotonic() - self._last_progress < PROGRESS_EVERY_SECONDS:
+            return
+        self._last_progress = time.monotonic()
+        try:
+            tail = self.site.queue(self.attempt.host).log_tail(task.id, self.attempt.label, lines=20)
+        except (TransportError, MqiError) as exc:
+            log.info("case %s: no progress this time: %s", self.case.uid, exc)
+            return
+        percent = parse_progress(tail, self.site.settings.case.progress_pattern)
+        if percent is not None:
+            self.site.ledger.set_progress(self.case.id, percent)
+            self.on_progress(percent)
+
+
+def parse_progress(text: str, pattern: str) -> int | None:
+    """Percent from the last progress line in `text` (done of total), if any."""
+    matches = re.findall(pattern, text)
+    if not matches:
+        return None
+    done, total = (int(x) for x in matches[-1])
+    return max(0, min(100, round(100 * done / total))) if total else None
+
+
+def outcome_of(task: TaskInfo) -> WaitOutcome:
+    if task.result is TaskResult.SUCCESS:
+        return WaitOutcome(AttemptResult.SUCCESS, exit_code=0, task=task)
+    if task.result is TaskResult.KILLED:
+        return WaitOutcome(AttemptResult.KILLED, task=task, message="the task was killed on the host")
+    if task.result is TaskResult.FAILED:
+        return WaitOutcome(AttemptResult.FAILED, exit_code=task.exit_code, task=task,
+                           message=f"the engine exited with code {task.exit_code}")
+    reason = task.spawn_error or str(task.result)
+    return WaitOutcome(AttemptResult.FAILED, task=task, message=f"the task could not run: {reason}")
+
+
+# -- kill --------------------------------------------------------------------------------
+
+
+def kill(site: Site, case: Case, attempt: Attempt, result: AttemptResult, reason: str, actor: str) -> bool:
+    """Kill the attempt's task and confirm it is gone; False leaves the case in `killing`."""
+    if site.ledger.get_case(case.id).state is not CaseState.KILLING:
+        site.ledger.transition(case.id, CaseState.KILLING, actor=actor, attempt_id=attempt.id, message=reason)
+    if attempt.task_id is None:
+        confirmed, message = True, "no task had been added"
+    else:
+        try:
+            outcome = site.queue(attempt.host).kill(attempt.task_id, attempt.label)
+            confirmed, message = outcome.confirmed, outcome.message
+        except TransportError as exc:
+            confirmed, message = False, str(exc)
+    site.status(attempt.host).invalidate()
+    if not confirmed:
+        log.warning("case %s: kill not confirmed (%s); it will be retried", case.uid, message)
+        return False
+    site.ledger.finish_attempt(attempt.id, result)
+    if result is AttemptResult.CANCELLED:
+        site.ledger.transition(case.id, CaseState.CANCELLED, actor=actor, attempt_id=attempt.id, message=reason)
+    else:
+        category = FailureCategory.TIMEOUT if result is AttemptResult.TIMEOUT else FailureCategory.INFRASTRUCTURE
+        site.ledger.transition(
+            case.id, CaseState.FAILED, actor=actor, attempt_id=attempt.id, message=reason,
+            failure_category=category, failure_message=reason,
+        )
+    return True
+
+
+# -- finish ------------------------------------------------------------------------------
+
+
+def results_dir(site: Site, case: Case) -> Path:
+    return site.settings.results_dir.resolve() / case.name
+
+
+def download(site: Site, case: Case, attempt: Attempt, actor: str) -> Path:
+    """Fetch and verify the results, then mark the case completed."""
+    if site.ledger.get_case(case.id).state is not CaseState.DOWNLOADING:
+        site.ledger.transition(case.id, CaseState.DOWNLOADING, actor=actor, attempt_id=attempt.id,
+                               message="fetching results")
+    dest = results_dir(site, case)
+    remote_output = f"{attempt.remote_dir}/{site.settings.case.output_subdir}"
+    transport = site.transport(attempt.host)
+    # A broken download leaves the case in `downloading` with its attempt live; the results
+    # stay on the host and the next resume fetches them again.
+    transfer.download_results(transport, remote_output, dest, timeout=site.settings.transfer.timeout_seconds)
+    site.ledger.finish_attempt(attempt.id, AttemptResult.SUCCESS, exit_code=0)
+    site.ledger.transition(case.id, CaseState.COMPLETED, actor=actor, attempt_id=attempt.id,
+                           results_path=dest, message=f"results in {dest}")
+    if site.settings.transfer.remove_remote_after_download:
+        transfer.remove_remote_dir(transport, attempt.remote_dir)
+    return dest
+
+
+def fail_case(site: Site, case: Case, attempt: Attempt | None, category: FailureCategory, message: str,
+              actor: str, *, result: AttemptResult = AttemptResult.FAILED, exit_code: int | None = None) -> None:
+    if attempt is not None and attempt.live:
+        site.ledger.finish_attempt(attempt.id, result, exit_code=exit_code)
+    site.ledger.transition(
+        case.id, CaseState.FAILED, actor=actor, attempt_id=attempt.id if attempt else None,
+        message=message, failure_category=category, failure_message=message,
+    )
+
+
+def engine_failure_message(site: Site, attempt: Attempt, outcome: WaitOutcome) -> str:
+    """The exit code and the last lines of the task's log, for the ledger."""
+    try:
+        tail = site.queue(attempt.host).log_tail(attempt.task_id, attempt.label, lines=site.settings.case.log_tail_lines)
+    except (TransportError, MqiError) as exc:
+        tail = f"(log not available: {exc})"
+    return f"{outcome.message}\n--- last lines of the log ---\n{tail.rstrip()}" if tail.strip() else outcome.message
+
+
+def is_active(case: Case) -> bool:
+    return case.state in ACTIVE_STATES
+
+
+def wait_for(site: Site, case: Case, attempt: Attempt, actor: str,
+             on_progress: Callable[[int], None] = lambda percent: None) -> WaitOutcome:
+    """Wait for the attempt's task; a timeout kills it. Resumes `downloading` and `killing`."""
+    state = site.ledger.get_case(case.id).state
+    if state is CaseState.DOWNLOADING:  # the task had succeeded before a crash
+        return WaitOutcome(AttemptResult.SUCCESS, exit_code=0)
+    if state is CaseState.KILLING:  # a kill that was never confirmed
+        kill(site, case, attempt, AttemptResult.TIMEOUT, "kill retried", actor)
+        return WaitOutcome(AttemptResult.TIMEOUT, message="killed")
+    outcome = Waiter(site, case, attempt, actor, on_progress=on_progress).wait()
+    if outcome.result is AttemptResult.TIMEOUT:
+        kill(site, case, attempt, AttemptResult.TIMEOUT, f"timed out after {site.settings.case.timeout_hours} h", actor)
+    return outcome
+
+
+def record_outcome(site: Site, case: Case, attempt: Attempt, outcome: WaitOutcome, actor: str) -> Case:
+    """Download on success, or record why the attempt failed. Idempotent on a settled case."""
+    current = site.ledger.get_case(case.id)
+    if current.state not in ACTIVE_STATES or current.state is CaseState.KILLING:
+        return current  # already settled (kill, cancel) or waiting for a kill to be confirmed
+    attempt = site.ledger.get_attempt(attempt.id)
+    if outcome.result is AttemptResult.SUCCESS:
+        download(site, case, attempt, actor)
+    elif outcome.result is None:
+        decide_vanished(site, case, attempt, actor)
+    elif outcome.result is AttemptResult.FAILED:
+        message = engine_failure_message(site, attempt, outcome)
+        category = FailureCategory.ENGINE if outcome.exit_code is not None else FailureCategory.INFRASTRUCTURE
+        fail_case(site, case, attempt, category, message, actor, exit_code=outcome.exit_code)
+    else:  # killed on the host by someone else, or by a pueue daemon restart
+        fail_case(site, case, attempt, FailureCategory.INFRASTRUCTURE,
+                  "the task was killed on the host (an operator, or a pueue daemon restart)", actor,
+                  result=AttemptResult.KILLED)
+    return site.ledger.get_case(case.id)
+
+
+def decide_vanished(site: Site, case: Case, attempt: Attempt, actor: str) -> None:
+    """A task removed from the queue before we saw it end: decided from the host's results."""
+    try:
+        download(site, case, attempt, actor)
+    except transfer.RemoteResultsMissing:
+        fail_case(site, case, attempt, FailureCategory.LOST,
+                  "the task disappeared from the queue (pueue clean/remove/reset?) and left no results",
+                  actor, result=AttemptResult.LOST)
+
+
+def cancel(site: Site, case: Case, actor: str, reason: str) -> bool:
+    """Kill the live task, if any, and mark the case cancelled. False: kill not confirmed."""
+    attempt = site.ledger.live_attempt(case.id)
+    if attempt is None:
+        if site.ledger.get_case(case.id).state is not CaseState.CANCELLED:
+            site.ledger.transition(case.id, CaseState.CANCELLED, actor=actor, message=reason)
+        return True
+    return kill(site, case, attempt, AttemptResult.CANCELLED, reason, actor)
+
+
+# -- admission and reconciliation ----------------------------------------------------------
+
+
+def total_slots(site: Site) -> int:
+    return sum(g.slots for h in site.settings.hosts for g in h.groups)
+
+
+def cases_to_start(site: Site, launched: set[int]) -> list[Case]:
+    """Pending cases to start now, oldest first: only as many as there are free slots.
+
+    `launched` holds the ids of cases whose process-case run exists and has not ended; they
+    count against the slots whether they wait for a slot or hold one.
+    """
+    active = [c for c in site.ledger.cases_in_states(ACTIVE_STATES)]
+    busy = sum(1 for c in active if c.state is not CaseState.PENDING or c.id in launched)
+    free = max(0, total_slots(site) - busy)
+    waiting = sorted((c for c in active if c.state is CaseState.PENDING and c.id not in launched),
+                     key=lambda c: (c.created_at, c.id))
+    return waiting[:free]
+
+
+def orphaned_cases(site: Site, live_flow_runs: set[int]) -> list[Case]:
+    """Cases past pending whose process-case run is gone (crash, reboot): to be resumed."""
+    return [c for c in site.ledger.cases_in_states(ACTIVE_STATES)
+            if c.state is not CaseState.PENDING and c.id not in live_flow_runs]
+
+
+def adopt_unknown_tasks(site: Site, host: str, actor: str) -> list[str]:
+    """Record task ids of our labelled tasks that the ledger lacks (crash after `pueue add`)."""
+    notes = []
+    snapshot = site.status(host).snapshot()
+    for active in site.ledger.cases_in_states(ACTIVE_STATES):
+        attempt = site.ledger.live_attempt(active.id)
+        if attempt is None or attempt.host != host or attempt.task_id is not None:
+            continue
+        task = snapshot.find(None, attempt.label)
+        if task is not None:
+            site.ledger.update_attempt(attempt.id, task_id=task.id)
+            notes.append(f"case {active.name}: adopted pueue task {task.id} ({attempt.label})")
+    return notes

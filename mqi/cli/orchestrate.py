@@ -1,0 +1,159 @@
+"""Commands that run cases: submit, cancel, retry, reconcile, run (the main job), demo.
+
+Prefect reads its settings when it is first imported, so each command sets up the Prefect
+environment from our settings first and imports the flows after that.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mqi.cli.app import UserError, app, config_file, current_settings
+from mqi.errors import MqiError
+from mqi.settings import Settings
+
+PROCESS_CASE_LIMIT_PER_SLOT = 2  # one run holding each slot plus one waiting for it
+
+
+def prepare_prefect(settings: Settings) -> None:
+    """Point Prefect at the configured server, or at an embedded one kept in state_dir."""
+    home = (settings.state_dir / "prefect").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(home))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # a closed network
+    if settings.prefect.api_url:
+        os.environ["PREFECT_API_URL"] = settings.prefect.api_url
+    path = config_file() or (Path(os.environ["MQI_CONFIG"]) if os.environ.get("MQI_CONFIG") else None)
+    if path is not None:  # flow runs in other processes read the same settings
+        os.environ["MQI_CONFIG"] = str(path.resolve())
+
+
+def start_site(settings: Settings):
+    prepare_prefect(settings)
+    from mqi.runtime import use_settings
+    from tasks.publish import ensure_gpu_limits
+
+    site = use_settings(settings)
+    ensure_gpu_limits(settings)
+    return site
+
+
+@app.command()
+def submit(
+    path: Annotated[Path, typer.Argument(help="the case folder")],
+    host: Annotated[str | None, typer.Option(help="run on this host")] = None,
+    group: Annotated[str | None, typer.Option(help="run in this GPU group")] = None,
+) -> None:
+    """Process one case now, in this process; exit 0 when completed, 1 when not."""
+    if not path.is_dir():
+        raise UserError(f"{path} is not a folder")
+    settings = current_settings()
+    if host:
+        settings.host(host)
+    start_site(settings)
+    from flows.process_case import process_case
+
+    state = process_case(case=str(path.resolve()), host=host, group=group)
+    typer.echo(f"case {path.name}: {state}")
+    raise typer.Exit(0 if state == "completed" else 1)
+
+
+@app.command()
+def cancel(case: Annotated[str, typer.Argument(help="id, uid or folder")]) -> None:
+    """Kill the case's remote task (confirmed) and mark it cancelled."""
+    site = start_site(current_settings())
+    from mqi import casework
+
+    record = site.ledger.find_case(case)
+    if record.state.value in ("completed", "failed", "cancelled"):
+        raise UserError(f"case {record.name} is already {record.state.value}")
+    if not casework.cancel(site, record, "cli", "cancelled from the command line"):
+        raise UserError(f"case {record.name}: the kill could not be confirmed; reconcile retries it")
+    typer.echo(f"case {record.name}: cancelled")
+
+
+@app.command()
+def retry(
+    case: Annotated[str, typer.Argument(help="id, uid or folder")],
+    now: Annotated[bool, typer.Option("--now", help="process it in this process at once")] = False,
+) -> None:
+    """Queue a finished case again as a new attempt; earlier attempts stay as they were."""
+    site = start_site(current_settings())
+    from mqi.ledger.states import CaseState
+
+    record = site.ledger.find_case(case)
+    if record.state.value not in ("completed", "failed", "cancelled"):
+        raise UserError(f"case {record.name} is {record.state.value}: only a finished case can be retried")
+    site.ledger.transition(record.id, CaseState.PENDING, actor="cli", message="retry requested")
+    typer.echo(f"case {record.name}: pending again (attempt {len(site.ledger.attempts(record.id)) + 1} next)")
+    if now:
+        from flows.process_case import process_case
+
+        state = process_case(case=str(record.id))
+        typer.echo(f"case {record.name}: {state}")
+        raise typer.Exit(0 if state == "completed" else 1)
+
+
+@app.command("reconcile")
+def reconcile_command() -> None:
+    """Resume orphaned cases, retry unconfirmed kills, adopt lost task ids, report slots."""
+    start_site(current_settings())
+    from flows.reconcile import reconcile
+
+    for note in reconcile():
+        typer.echo(note)
+
+
+@app.command()
+def run() -> None:
+    """The main job: scan the inbox, reconcile, and process cases until stopped (Ctrl-C)."""
+    settings = current_settings()
+    prepare_prefect(settings)
+    from mqi.prefect_server import embedded_server
+
+    with embedded_server(settings) as server:
+        if server is not None:
+            typer.echo(f"Prefect UI: {server.ui_url}  (embedded server, data in {settings.state_dir})")
+        serve_deployments(settings)
+
+
+def serve_deployments(settings: Settings) -> None:
+    from prefect import serve
+
+    from flows.process_case import process_case
+    from flows.reconcile import reconcile
+    from flows.scan_inbox import scan_inbox
+    from mqi.casework import total_slots
+
+    start_site(settings)
+    slots = total_slots(_site_for(settings))
+    serve(
+        process_case.to_deployment(name="process-case"),
+        scan_inbox.to_deployment(name="scan-inbox", interval=settings.inbox.scan_seconds),
+        reconcile.to_deployment(name="reconcile", interval=max(60.0, settings.case.poll_seconds)),
+        limit=slots * PROCESS_CASE_LIMIT_PER_SLOT + 2,
+    )
+
+
+def _site_for(settings: Settings):
+    from mqi.runtime import get_site
+
+    return get_site()
+
+
+@app.command()
+def demo(
+    folder: Annotated[Path, typer.Option(help="where the demo keeps its cases and results")] = Path("mqi-demo"),
+    cases: Annotated[int, typer.Option(min=1, max=20, help="how many sample cases")] = 3,
+) -> None:
+    """Run sample cases through the whole pipeline here, with a small engine stand-in."""
+    from mqi.demo import run_demo
+
+    try:
+        run_demo(folder.resolve(), cases)
+    except MqiError as exc:
+        raise UserError(str(exc)) from None

@@ -1,0 +1,126 @@
+"""A site at run time: settings, the ledger, and one transport and queue per configured host.
+
+Everything a flow needs to reach a host comes from here, so that every case in one process
+shares one connection and one status poll per host.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import threading
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from mqi.ledger.store import Ledger
+from mqi.polling import SharedStatus
+from mqi.queue.base import Queue
+from mqi.settings import GroupSettings, HostSettings, Settings
+from mqi.transport.base import Transport
+
+
+@dataclass(frozen=True)
+class Placement:
+    host: HostSettings
+    group: GroupSettings
+
+    @property
+    def limit_name(self) -> str:
+        """The Prefect global concurrency limit that models this GPU group."""
+        return gpu_limit_name(self.host.name, self.group.name)
+
+
+def gpu_limit_name(host: str, group: str) -> str:
+    return f"mqi-gpu:{host}:{group}"
+
+
+class Site:
+    def __init__(self, settings: Settings, ledger: Ledger | None = None):
+        self.settings = settings
+        self._ledger = ledger
+        self._lock = threading.Lock()
+        self._transports: dict[str, Transport] = {}
+        self._queues: dict[str, Queue] = {}
+        self._statuses: dict[str, SharedStatus] = {}
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            self._ledger = Ledger.open(self.settings.ledger.url.get_secret_value())
+        return self._ledger
+
+    def placement(self, host: str, group: str) -> Placement:
+        host_settings = self.settings.host(host)
+        for group_settings in host_settings.groups:
+            if group_settings.name == group:
+                return Placement(host_settings, group_settings)
+        from mqi.errors import ConfigError
+
+        names = ", ".join(g.name for g in host_settings.groups)
+        raise ConfigError([f"host {host!r} has no group {group!r} (configured: {names})"])
+
+    def workdir(self, host: HostSettings) -> str:
+        if host.transport == "local":
+            return str(Path(host.workdir).expanduser().resolve())
+        return host.workdir
+
+    def remote_case_dir(self, host: HostSettings, uid: str) -> str:
+        return posixpath.join(self.workdir(host), uid)
+
+    def transport(self, host_name: str) -> Transport:
+        with self._lock:
+            if host_name not in self._transports:
+                self._transports[host_name] = _make_transport(self.settings.host(host_name))
+            return self._transports[host_name]
+
+    def queue(self, host_name: str) -> Queue:
+        with self._lock:
+            if host_name not in self._queues:
+                self._queues[host_name] = self._make_queue(self.settings.host(host_name))
+            return self._queues[host_name]
+
+    def status(self, host_name: str) -> SharedStatus:
+        queue = self.queue(host_name)
+        with self._lock:
+            if host_name not in self._statuses:
+                self._statuses[host_name] = SharedStatus(
+                    queue,
+                    cache_dir=self.settings.state_dir / "status-cache",
+                    max_age=self.settings.case.poll_seconds,
+                )
+            return self._statuses[host_name]
+
+    def _make_queue(self, host: HostSettings) -> Queue:
+        if host.queue == "local":
+            from mqi.queue.local import LocalQueue
+
+            groups = {g.name: g.slots for g in host.groups}
+            return LocalQueue(self.settings.state_dir / "queue" / host.name, groups, host=host.name)
+        from mqi.queue.pueue import PueueQueue
+
+        return PueueQueue(self.transport(host.name), pueue=host.pueue, timeout=host.command_timeout)
+
+    def close(self) -> None:
+        for transport in self._transports.values():
+            transport.close()
+
+
+def _make_transport(host: HostSettings) -> Transport:
+    if host.transport == "local":
+        from mqi.transport.local import LocalTransport
+
+        return LocalTransport(host=host.name)
+    from mqi.transport.ssh import shared_ssh_transport
+
+    return shared_ssh_transport(
+        host.name,
+        hostname=host.hostname,
+        port=host.port,
+        username=host.username,
+        key_file=host.key_file.expanduser() if host.key_file else None,
+        key_passphrase=host.key_passphrase,
+        password=host.password,
+        known_hosts=host.known_hosts.expanduser(),
+        accept_unknown_host_keys=host.accept_unknown_host_keys,
+        connect_timeout=host.connect_timeout,
+    )

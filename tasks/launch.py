@@ -1,0 +1,43 @@
+"""Starting process-case runs through the deployment, and knowing which are under way."""
+
+from __future__ import annotations
+
+from prefect import get_client
+from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.deployments import run_deployment
+
+from mqi.claims import claimed_case_ids
+from mqi.ledger.records import Case
+from mqi.runtime import get_site
+
+PROCESS_CASE_DEPLOYMENT = "process-case/process-case"
+NOT_STARTED = [StateType.SCHEDULED, StateType.PENDING]
+
+
+def running_case_ids() -> set[int]:
+    """Cases held by a live process, plus cases whose run is created but not started yet."""
+    site = get_site()
+    ids = claimed_case_ids(site.settings.state_dir)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["process-case"])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=NOT_STARTED))),
+        )
+    for run in runs:
+        ref = str(run.parameters.get("case", ""))
+        if ref.isdigit():
+            ids.add(int(ref))
+    return ids
+
+
+def launch_cases(cases: list[Case]) -> None:
+    for case in cases:
+        run_deployment(PROCESS_CASE_DEPLOYMENT, parameters={"case": str(case.id)}, timeout=0,
+                       flow_run_name=f"case-{case.name}-{case.uid}"[:100])

@@ -1,0 +1,100 @@
+"""What the Prefect UI and automations see of a case: GPU limits, a summary, events."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from prefect import get_client, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.concurrency.sync import concurrency
+from prefect.events import emit_event
+from prefect.exceptions import ObjectNotFound
+
+from mqi.ledger.records import Case
+from mqi.runtime import get_site
+from mqi.settings import Settings
+from mqi.site import Placement, gpu_limit_name
+from mqi.timefmt import show_time
+
+# A slot whose holder died is given back when its lease runs out unrenewed (renewed every
+# 75 % of this while the holder lives).
+SLOT_LEASE_SECONDS = 60
+
+
+def ensure_gpu_limits(settings: Settings) -> None:
+    """One Prefect global concurrency limit per host and group, limit = slots."""
+    with get_client(sync_client=True) as client:
+        for host in settings.hosts:
+            for group in host.groups:
+                name = gpu_limit_name(host.name, group.name)
+                try:
+                    existing = client.read_global_concurrency_limit_by_name(name)
+                except ObjectNotFound:
+                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=group.slots))
+                    continue
+                if existing.limit != group.slots or not existing.active:
+                    client.update_global_concurrency_limit(
+                        name, GlobalConcurrencyLimitUpdate(limit=group.slots, active=True)
+                    )
+
+
+@contextmanager
+def gpu_slot(placement: Placement):
+    """Hold one slot of the group's limit: from submission until the task is finished."""
+    with concurrency(placement.limit_name, occupy=1, strict=True, lease_duration=SLOT_LEASE_SECONDS,
+                     raise_on_lease_renewal_failure=False):
+        yield
+
+
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", "<br>")
+
+
+def case_resource(case: Case) -> dict[str, str]:
+    return {"prefect.resource.id": f"mqi.case.{case.uid}", "prefect.resource.name": case.name,
+            "mqi.case.id": str(case.id)}
+
+
+@task(name="publish-outcome")
+def publish_outcome(case: Case) -> None:
+    """A summary artifact and a `mqi.case.<state>` event that automations can react to."""
+    site = get_site()
+    attempts = site.ledger.attempts(case.id)
+    last = attempts[-1] if attempts else None
+    tz = site.settings.tz
+    rows = [
+        ("case", f"{case.name} (id {case.id}, uid {case.uid})"),
+        ("state", case.state.value),
+        ("host / group", f"{last.host} / {last.group}" if last else "-"),
+        ("pueue task", f"{last.task_id} ({last.label})" if last else "-"),
+        ("submitted", show_time(last.submitted_at, tz) if last else "-"),
+        ("ended", show_time(last.ended_at, tz) if last else "-"),
+        ("result", (last.result.value if last and last.result else "-")),
+        ("results", case.results_path or "-"),
+        ("failure", f"{case.failure_category}: {case.failure_message}" if case.failure_category else "-"),
+    ]
+    table = "\n".join(f"| {key} | {_cell(value)} |" for key, value in rows)
+    create_markdown_artifact(markdown=f"# Case {case.name}\n\n| | |\n|---|---|\n{table}\n",
+                             key=f"case-{case.uid}", description=f"outcome of case {case.name}")
+    related = []
+    if last:
+        related = [{"prefect.resource.id": f"mqi.host.{last.host}", "prefect.resource.role": "host"},
+                   {"prefect.resource.id": f"mqi.group.{last.host}.{last.group}", "prefect.resource.role": "gpu-group"}]
+    emit_event(f"mqi.case.{case.state.value}", resource=case_resource(case), related=related,
+               payload={"attempt": last.number if last else None,
+                        "failure_category": case.failure_category.value if case.failure_category else None})
+
+
+def held_slots(settings: Settings) -> dict[tuple[str, str], int]:
+    """Active slots of each GPU group's limit, as Prefect counts them."""
+    held = {}
+    with get_client(sync_client=True) as client:
+        for host in settings.hosts:
+            for group in host.groups:
+                try:
+                    limit = client.read_global_concurrency_limit_by_name(gpu_limit_name(host.name, group.name))
+                except ObjectNotFound:
+                    continue
+                held[(host.name, group.name)] = limit.active_slots
+    return held

@@ -1,0 +1,280 @@
+"""The process-case flow end to end: a real Prefect server, the real sshd, the pueue stand-in."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mqi.ledger.states import AttemptResult, CaseState, FailureCategory
+from mqi.runtime import use_settings
+from mqi.settings import Settings
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+OUTPUT = "mkdir -p output && cp RTPLAN.dcm output/dose.dcm"
+
+
+def make_case(root: Path, name: str) -> Path:
+    folder = root / "inbox" / name
+    (folder / "logs").mkdir(parents=True)
+    (folder / "RTPLAN.dcm").write_bytes(b"DICM plan of " + name.encode())
+    (folder / "logs" / "beam.log").write_text("spot,mu\n1,0.5\n")
+    return folder
+
+
+def settings_for(tmp_path: Path, hosts: list[dict], **case) -> Settings:
+    return Settings(
+        state_dir=tmp_path / ".mqi",
+        results_dir=tmp_path / "results",
+        ledger={"url": f"sqlite:///{tmp_path / 'mqi.db'}"},
+        inbox={"path": tmp_path / "inbox", "quiet_seconds": 0},
+        case={"poll_seconds": 0.2, **case},
+        hosts=hosts,
+    )
+
+
+def start(settings: Settings):
+    from tasks.publish import ensure_gpu_limits
+
+    site = use_settings(settings)
+    ensure_gpu_limits(settings)
+    return site
+
+
+def unique_host(tmp_path: Path, prefix: str) -> str:
+    # Prefect limits outlive a test in the shared server: each test gets its own host name.
+    return f"{prefix}-{abs(hash(str(tmp_path))) % 10**8}"
+
+
+def local_host(tmp_path: Path, groups=({"name": "gpu0", "slots": 1, "devices": "0"},)) -> dict:
+    return {"name": unique_host(tmp_path, "local"), "transport": "local", "queue": "local",
+            "workdir": str(tmp_path / "work"), "groups": list(groups)}
+
+
+def ssh_host(tmp_path: Path, sshd, pueue, groups=({"name": "default", "slots": 1},)) -> dict:
+    return {"name": unique_host(tmp_path, "gpu"), "transport": "ssh", "queue": "pueue",
+            "hostname": sshd.hostname, "port": sshd.port, "username": sshd.username,
+            "key_file": str(sshd.key_file), "known_hosts": str(sshd.known_hosts),
+            "pueue": str(pueue.bin), "workdir": str(tmp_path / "remote"), "groups": list(groups)}
+
+
+def run_case(folder: Path, **kwargs) -> str:
+    from flows.process_case import process_case
+
+    return process_case(case=str(folder), **kwargs)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(") ")[1][0] != "Z"
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_success_on_the_local_queue_keeps_where_it_ran(tmp_path):
+    site = start(settings_for(tmp_path, [local_host(tmp_path)],
+                              command="echo 'Generating particles for (1 of 2 batches)'; " + OUTPUT))
+    folder = make_case(tmp_path, "case-a")
+
+    assert run_case(folder) == "completed"
+
+    case = site.ledger.find_case(str(folder))
+    assert (tmp_path / "results" / "case-a" / "dose.dcm").read_bytes() == b"DICM plan of case-a"
+    assert case.results_path == str(tmp_path / "results" / "case-a")
+    [attempt] = site.ledger.attempts(case.id)
+    assert (attempt.host, attempt.group, attempt.result) == (site.settings.hosts[0].name, "gpu0", AttemptResult.SUCCESS)
+    assert attempt.task_id is not None and attempt.label == f"mqi-{case.uid}-a1"
+    moves = [(e.from_state, e.to_state) for e in site.ledger.events(case.id)]
+    assert moves[-1] == (CaseState.DOWNLOADING, CaseState.COMPLETED)
+    assert (CaseState.UPLOADING, CaseState.QUEUED) in moves
+
+
+def test_success_over_ssh_and_pueue_with_devices(tmp_path, sshd, fake_pueue):
+    fake_pueue.add_group("gpu1", 1)
+    host = ssh_host(tmp_path, sshd, fake_pueue, groups=({"name": "gpu1", "slots": 1, "devices": "1"},))
+    site = start(settings_for(tmp_path, [host], command="echo $CUDA_VISIBLE_DEVICES > output.cuda; " + OUTPUT
+                              + " && mv output.cuda output/"))
+    folder = make_case(tmp_path, "case b; $(touch CANARY)")
+
+    assert run_case(folder) == "completed"
+
+    result = tmp_path / "results" / "case b; $(touch CANARY)"
+    assert (result / "output.cuda").read_text().strip() == "1"
+    [task] = fake_pueue.status()["tasks"].values()
+    case = site.ledger.find_case(str(folder))
+    assert task["label"] == f"mqi-{case.uid}-a1" and task["group"] == "gpu1"
+    assert not list(tmp_path.rglob("CANARY")) and not Path("CANARY").exists()
+
+
+def test_engine_failure_records_exit_code_and_log(tmp_path, sshd, fake_pueue):
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)],
+                              command="echo 'dose engine: beam energy out of range' >&2; exit 3"))
+    folder = make_case(tmp_path, "bad-case")
+
+    assert run_case(folder) == "failed"
+
+    case = site.ledger.find_case(str(folder))
+    [attempt] = site.ledger.attempts(case.id)
+    assert (attempt.result, attempt.exit_code) == (AttemptResult.FAILED, 3)
+    assert case.failure_category is FailureCategory.ENGINE
+    assert "exited with code 3" in case.failure_message
+    assert "beam energy out of range" in case.failure_message
+    assert not (tmp_path / "results" / "bad-case").exists()
+
+
+def test_timeout_kills_the_remote_process(tmp_path, sshd, fake_pueue):
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)],
+                              command="echo $$ > engine.pid; exec sleep 300", timeout_hours=3 / 3600))
+    folder = make_case(tmp_path, "slow-case")
+
+    assert run_case(folder) == "failed"
+
+    case = site.ledger.find_case(str(folder))
+    [attempt] = site.ledger.attempts(case.id)
+    assert attempt.result is AttemptResult.TIMEOUT and case.failure_category is FailureCategory.TIMEOUT
+    pid = int((tmp_path / "remote" / case.uid / "engine.pid").read_text())
+    assert not pid_alive(pid), "the engine still runs on the host after the timeout"
+    [task] = fake_pueue.status()["tasks"].values()
+    assert task["status"]["Done"]["result"] == "Killed"
+
+
+def test_host_outage_while_waiting_does_not_fail_the_case(tmp_path, sshd, fake_pueue):
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command="sleep 4; " + OUTPUT))
+    folder = make_case(tmp_path, "outage-case")
+    result = {}
+    runner = threading.Thread(target=lambda: result.setdefault("state", run_case(folder)))
+    runner.start()
+    wait_for(lambda: site.ledger.find_case(str(folder)).state in (CaseState.QUEUED, CaseState.RUNNING),
+             what="the case to be submitted")
+    sshd.stop()
+    sshd.kill_sessions()
+    time.sleep(3)
+    sshd.start()
+    runner.join(120)
+    assert result.get("state") == "completed"
+    assert len(fake_pueue.status()["tasks"]) == 1
+
+
+def test_flow_killed_after_submission_is_resumed_with_one_remote_task(tmp_path, sshd, fake_pueue):
+    settings = settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command="sleep 3; " + OUTPUT)
+    config = tmp_path / "mqi.yaml"
+    config.write_text(yaml.safe_dump(settings.masked() | {"ledger": {"url": settings.ledger.url.get_secret_value()}}))
+    site = start(settings)
+    folder = make_case(tmp_path, "crash-case")
+    child = subprocess.Popen([sys.executable, "-m", "mqi.cli", "--config", str(config), "submit", str(folder)],
+                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        wait_for(lambda: _task_id(site, folder), timeout=60, what="the task to be submitted")
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+
+    from mqi import casework
+
+    case = site.ledger.find_case(str(folder))
+    assert [c.id for c in casework.orphaned_cases(site, live_flow_runs=set())] == [case.id]
+    assert run_case(folder) == "completed"
+    assert len(fake_pueue.status()["tasks"]) == 1
+    assert len(site.ledger.attempts(case.id)) == 1
+
+
+def _task_id(site, folder):
+    try:
+        case = site.ledger.find_case(str(folder))
+    except Exception:
+        return None
+    attempt = site.ledger.live_attempt(case.id)
+    return attempt.task_id if attempt else None
+
+
+def test_two_single_slot_groups_never_run_more_than_two(tmp_path, sshd, fake_pueue):
+    fake_pueue.add_group("gpu0", 5)  # pueue would allow more: the limit is ours
+    fake_pueue.add_group("gpu1", 5)
+    groups = ({"name": "gpu0", "slots": 1}, {"name": "gpu1", "slots": 1})
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue, groups=groups)],
+                              command="sleep 1; " + OUTPUT))
+    folders = [make_case(tmp_path, f"case-{n}") for n in range(5)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        states = list(pool.map(run_case, folders))
+
+    assert states == ["completed"] * 5
+    assert fake_pueue.max_concurrent("gpu0") == 1 and fake_pueue.max_concurrent("gpu1") == 1
+    history = fake_pueue.task_history()
+    assert {r["group"] for r in history} == {"gpu0", "gpu1"}  # both GPUs were used
+    assert _max_overlap(history) <= 2
+
+
+def _max_overlap(history: list[dict]) -> int:
+    running, peak = 0, 0
+    for record in sorted(history, key=lambda r: (r["time"], r["event"] == "start")):
+        running += 1 if record["event"] == "start" else -1
+        peak = max(peak, running)
+    return peak
+
+
+def test_retry_is_a_new_attempt_and_history_is_kept(tmp_path, sshd, fake_pueue):
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)],
+                              command="test -e FIXED || exit 4; " + OUTPUT))
+    folder = make_case(tmp_path, "retry-case")
+    assert run_case(folder) == "failed"
+    case = site.ledger.find_case(str(folder))
+    [first] = site.ledger.attempts(case.id)
+
+    (folder / "FIXED").write_text("")
+    site.ledger.transition(case.id, CaseState.PENDING, actor="test", message="retry")
+    assert run_case(folder) == "completed"
+
+    old, new = site.ledger.attempts(case.id)
+    assert (old.host, old.group, old.task_id, old.result, old.exit_code) == (
+        first.host, first.group, first.task_id, AttemptResult.FAILED, 4)
+    assert new.number == 2 and new.label.endswith("-a2") and new.result is AttemptResult.SUCCESS
+
+
+def test_cancel_kills_the_remote_task(tmp_path, sshd, fake_pueue):
+    from mqi import casework
+
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)],
+                              command="echo $$ > engine.pid; exec sleep 300"))
+    folder = make_case(tmp_path, "cancel-case")
+    result = {}
+    runner = threading.Thread(target=lambda: result.setdefault("state", run_case(folder)))
+    runner.start()
+    case = wait_for(lambda: _running(site, folder), what="the case to run")
+    pid_file = tmp_path / "remote" / case.uid / "engine.pid"
+    wait_for(pid_file.exists, what="the engine to start")
+
+    assert casework.cancel(site, case, "test", "cancelled by the physicist")
+    runner.join(60)
+
+    case = site.ledger.find_case(str(folder))
+    assert case.state is CaseState.CANCELLED and result["state"] == "cancelled"
+    assert site.ledger.attempts(case.id)[0].result is AttemptResult.CANCELLED
+    assert not pid_alive(int(pid_file.read_text()))
+
+
+def _running(site, folder):
+    case = site.ledger.find_case(str(folder))
+    return case if case.state is CaseState.RUNNING else None
