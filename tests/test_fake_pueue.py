@@ -538,11 +538,12 @@ def test_version_mismatch_warning(fake_pueue, fmt):
 
 
 # -- records for tests and benchmarks -------------------------------------------------------------
-def test_every_client_call_is_recorded(fake_pueue):
-    before = len(fake_pueue.calls())
+def test_every_client_call_is_recorded_but_the_fixtures_own(fake_pueue):
+    fake_pueue.add_group("gpu0", 1)
+    fake_pueue.status()
     fake_pueue.run("status", "--json")
     subprocess.run([str(fake_pueue.bin), "bogus"], capture_output=True)
-    calls = fake_pueue.calls()[before:]
+    calls = fake_pueue.calls()
     assert [call["argv"] for call in calls] == [["--color", "never", "status", "--json"], ["bogus"]]
     assert all(call["time"] <= time.time() for call in calls)
 

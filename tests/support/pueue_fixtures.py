@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.fake_pueue.daemon import kill_leftover_process
-from tests.support.fake_pueue.store import ACTIVE, StateDir
+from tests.support.fake_pueue.store import ACTIVE, UNRECORDED_CALL_VARIABLE, StateDir
 
 PACKAGE_PARENT = Path(__file__).resolve().parent  # holds the fake_pueue package
 DAEMON_START_TIMEOUT = 10.0
@@ -80,7 +80,7 @@ class FakePueue:
 
     # -- client ------------------------------------------------------------------------------
     def run(self, *args: str, env: dict | None = None, cwd: str | os.PathLike | None = None):
-        """Run the fake client with these arguments (after `--color never`)."""
+        """Run the fake client with these arguments (after `--color never`); recorded in calls()."""
         return subprocess.run(
             [str(self.bin), "--color", "never", *args],
             capture_output=True,
@@ -90,8 +90,12 @@ class FakePueue:
             timeout=30,
         )
 
+    def _run_unrecorded(self, *args: str):
+        return self.run(*args, env={**os.environ, UNRECORDED_CALL_VARIABLE: "1"})
+
     def status(self) -> dict:
-        result = self.run("status", "--json")
+        """The parsed `status --json` (not counted in calls())."""
+        result = self._run_unrecorded("status", "--json")
         if result.returncode != 0:
             raise RuntimeError(f"pueue status failed: {result.stderr or result.stdout}")
         return json.loads(result.stdout.splitlines()[-1])  # v3 may print a warning line first
@@ -109,7 +113,7 @@ class FakePueue:
         self._checked("clean")
 
     def _checked(self, *args: str) -> None:
-        result = self.run(*args)
+        result = self._run_unrecorded(*args)
         if result.returncode != 0:
             raise RuntimeError(f"pueue {shlex.join(args)} failed: {result.stdout}{result.stderr}")
 
@@ -123,7 +127,7 @@ class FakePueue:
 
     # -- records ---------------------------------------------------------------------------------
     def calls(self) -> list[dict]:
-        """Every client invocation: {"argv": [...], "time": epoch seconds, "pid": n}."""
+        """Every client invocation but the fixture's own: {"argv": [...], "time": epoch seconds, "pid": n}."""
         return _read_records(self.store.calls_file)
 
     def task_history(self) -> list[dict]:

@@ -231,7 +231,7 @@ def log(client: Client, options: dict) -> str:
     if options["lines"] is not None and options["full"]:
         raise UsageError("the argument '--lines <LINES>' cannot be used with '--full'")
     state = client.store.read()
-    ids = options["task_ids"] or sorted(map(int, state["tasks"]))
+    ids = sorted(set(options["task_ids"])) or sorted(map(int, state["tasks"]))
     lines = None if options["full"] else options["lines"] or (DEFAULT_LOG_LINES if options["json"] else None)
     entries = {}
     for task_id in ids:

@@ -29,6 +29,8 @@ DEFAULT_SETTINGS = {
     "version_mismatch": False,  # the client warns that the daemon has another version
 }
 
+# Set by the pytest fixture for its own helper calls, which tests should not count.
+UNRECORDED_CALL_VARIABLE = "FAKE_PUEUE_UNRECORDED"
 FINISHED = "Done"
 ACTIVE = ("Running", "Paused")
 
@@ -90,17 +92,23 @@ class StateDir:
 
     @contextlib.contextmanager
     def transaction(self):
-        """The state for read-modify-write; saved when the block ends without an error."""
+        """The state for read-modify-write; saved (if changed) when the block ends without an error."""
         with self._locked(fcntl.LOCK_EX):
-            state = self._load()
+            before = self._load_text()
+            state = json.loads(before)
             yield state
-            _write_atomically(self.state_file, json.dumps(state))
+            after = json.dumps(state)
+            if after != before:
+                _write_atomically(self.state_file, after)
 
     def _load(self) -> dict:
+        return json.loads(self._load_text())
+
+    def _load_text(self) -> str:
         try:
-            return json.loads(self.state_file.read_text())
+            return self.state_file.read_text()
         except FileNotFoundError:
-            return {"groups": {}, "tasks": {}}
+            return json.dumps({"groups": {}, "tasks": {}})
 
     # -- daemon presence --------------------------------------------------------
     def daemon_running(self) -> bool:
@@ -125,6 +133,8 @@ class StateDir:
 
     # -- records for tests ---------------------------------------------------------
     def record_call(self, argv: list[str]) -> None:
+        if os.environ.get(UNRECORDED_CALL_VARIABLE):
+            return  # the fixture's own bookkeeping calls are not the code under test
         _append_line(self.calls_file, {"argv": argv, "time": time.time(), "pid": os.getpid()})
 
     def record_task_event(self, event: str, task: dict, **extra) -> None:
