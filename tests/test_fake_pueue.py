@@ -8,9 +8,7 @@ restarts, parallel limits, and the records kept for tests and benchmarks.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path

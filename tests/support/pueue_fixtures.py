@@ -203,6 +203,10 @@ def fake_pueue(tmp_path_factory) -> FakePueue:
     """A fake pueue with a running daemon (group `default`, 1 parallel task), v4 format."""
     pueue = install_fake_pueue(tmp_path_factory.mktemp("fake-pueue"))
     pueue.start_daemon()
-    yield pueue
-    pueue.stop_daemon()
-    pueue.kill_leftover_tasks()
+    try:
+        yield pueue
+    finally:
+        try:
+            pueue.stop_daemon()
+        finally:
+            pueue.kill_leftover_tasks()
