@@ -15,7 +15,7 @@ import pytest
 
 from blocks import GpuHost, LedgerDatabase, resolve_host_blocks
 from mqi.errors import ConfigError
-from mqi.settings import LedgerSettings, load_settings
+from mqi.settings import HostSettings, LedgerSettings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 PASSWORD = "pw-Secret-9431"
@@ -91,6 +91,14 @@ def write_settings(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "mqi.yaml"
     path.write_text(text)
     return path
+
+
+def test_the_block_carries_every_host_setting():
+    # A field added to HostSettings must be added to GpuHost too, with the same definition.
+    host_fields = set(HostSettings.model_fields) - {"name", "block"}
+    assert host_fields <= set(GpuHost.model_fields)
+    for field in host_fields:
+        assert repr(GpuHost.model_fields[field]) == repr(HostSettings.model_fields[field]), field
 
 
 def test_to_host_settings_equals_the_host_from_yaml(tmp_path, key_file):
@@ -179,7 +187,8 @@ def test_saved_gpu_host_loads_back_with_its_secrets_kept_secret_by_prefect(prefe
 
     loaded = GpuHost.load(name)
     assert loaded.password.get_secret_value() == PASSWORD
-    assert loaded.to_host_settings("gpu1") == password_block(key_passphrase=PASSPHRASE).to_host_settings("gpu1")
+    expected = password_block(key_passphrase=PASSPHRASE).to_host_settings("gpu1")
+    assert loaded.to_host_settings("gpu1") == expected
     with get_client(sync_client=True) as client:
         stored = client.read_block_document_by_name(name, "mqi-gpu-host", include_secrets=False)
     assert PASSWORD not in str(stored.data) and PASSPHRASE not in str(stored.data)
@@ -212,7 +221,8 @@ def test_settings_without_block_hosts_are_returned_untouched():
 
 
 def test_every_missing_block_is_named_in_one_error(prefect_server, tmp_path):
-    path = write_settings(tmp_path, "hosts: [{name: gpu1, block: no-such-a}, {name: gpu2, block: no-such-b}]\n")
+    hosts = "hosts: [{name: gpu1, block: no-such-a}, {name: gpu2, block: no-such-b}]\n"
+    path = write_settings(tmp_path, hosts)
 
     with pytest.raises(ConfigError) as caught:
         resolve_host_blocks(load_settings(path))
