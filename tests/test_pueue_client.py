@@ -6,6 +6,7 @@ import json
 import os
 import pwd
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -301,6 +302,32 @@ def test_both_formats_and_a_version_warning(local_queue, pueue_host, tmp_path, v
     task = wait_for(local_queue, task_id, "mqi-c1-a1", finished)
     assert (task.result, task.exit_code) == (TaskResult.FAILED, 2)
     assert local_queue.snapshot().groups[GROUP].parallel == 1
+
+
+@pytest.mark.parametrize(
+    "clock",
+    [
+        {"utc_offset_minutes": -330, "fraction_digits": 0},
+        {"utc_offset_minutes": 0, "use_z": True, "fraction_digits": 3},
+        {"utc_offset_minutes": 120, "fraction_digits": 9},
+    ],
+)
+def test_daemon_clocks_in_any_offset_give_utc_times(local_queue, pueue_host, tmp_path, clock):
+    pueue_host.configure(**clock)
+    before = datetime.now(timezone.utc) - timedelta(seconds=1)
+    task_id = submit(local_queue, tmp_path, "true")
+    task = wait_for(local_queue, task_id, "mqi-c1-a1", finished)
+    after = datetime.now(timezone.utc) + timedelta(seconds=1)
+    assert before <= task.created_at <= task.start <= task.end <= after
+    assert task.end.utcoffset() == timedelta(0)
+
+
+def test_daemon_down_is_a_clear_error_and_a_kill_stays_unconfirmed(local_queue, pueue_host):
+    pueue_host.stop_daemon()
+    with pytest.raises(PueueCommandFailed, match="host 'gpu-local'.*connect to the daemon"):
+        local_queue.snapshot()
+    outcome = local_queue.kill(0, "mqi-c1-a1", confirm_timeout=1)
+    assert not outcome.confirmed and "connect to the daemon" in outcome.message
 
 
 def test_missing_working_directory(local_queue, pueue_host, tmp_path):

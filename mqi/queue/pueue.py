@@ -67,7 +67,7 @@ class PueueCommandFailed(QueueError):
         self.command = command
         self.exit_code = exit_code
         self.text = text
-        detail = text or "no output"
+        detail = " ".join(text.split()) or "no output"  # one line, as MqiError promises
         super().__init__(
             f"host {host!r}: `pueue {command}` exited with {exit_code}: {detail}{hint}"
         )
@@ -104,7 +104,9 @@ class PueueQueue(Queue):
     ):
         if not pueue or "=" in pueue or pueue.startswith("-"):
             # `env` would read a name containing '=' as a variable assignment
-            raise InvalidRequest(f"pueue program {pueue!r} must be a path without '='")
+            raise InvalidRequest(
+                f"pueue program {pueue!r} must be a path without '=' not starting with '-'"
+            )
         if "\0" in path_env:
             raise InvalidRequest("path_env must not contain NUL characters")
         self.transport = transport
@@ -144,7 +146,7 @@ class PueueQueue(Queue):
         return self._task_id(result)
 
     def snapshot(self) -> QueueSnapshot:
-        return parse_status(self._checked(["status", "--json"]).out, self.host)
+        return self._status()
 
     def kill(self, task_id: int, label: str, *, confirm_timeout: float = 10.0) -> KillOutcome:
         """Kill (running) or remove (not started) our task, then poll until it is over."""
@@ -153,10 +155,8 @@ class PueueQueue(Queue):
         sent: list[str] = []
         try:
             while True:
-                timeout = self._time_left(deadline)
-                seen = parse_status(
-                    self._checked(["status", "--json"], timeout=timeout).out, self.host
-                ).find(task_id, label)
+                timeout = self._call_timeout(deadline)
+                seen = self._status(timeout).find(task_id, label)
                 if seen is None:
                     return KillOutcome(True, None, f"task {task_id} ({label}) is not on the host")
                 if seen.finished:
@@ -243,6 +243,9 @@ class PueueQueue(Queue):
         ]
         return self.transport.run(argv, timeout=timeout or self.timeout)
 
+    def _status(self, timeout: float | None = None) -> QueueSnapshot:
+        return parse_status(self._checked(["status", "--json"], timeout=timeout).out, self.host)
+
     def _checked(self, args: Sequence[str], *, timeout: float | None = None) -> CommandResult:
         result = self._pueue(args, timeout=timeout)
         if result.exit_code != 0:
@@ -265,7 +268,7 @@ class PueueQueue(Queue):
             self.host, "add --print-task-id", f"expected a task id, found {found}"
         )
 
-    def _time_left(self, deadline: float) -> float:
+    def _call_timeout(self, deadline: float) -> float:
         # at least a second, so that a short confirm_timeout still allows one status call
         return max(1.0, min(self.timeout, deadline - time.monotonic()))
 
