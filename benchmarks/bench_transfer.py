@@ -6,6 +6,10 @@ Our transfer reuses its one SSH connection (that is the design: one connection p
 process); scp opens a new one each time, so the time of `ssh host true` is printed too.
 
     .venv/bin/python benchmarks/bench_transfer.py [--repeat 3] [--big-mb 200] [--small 2000]
+        [--scratch /dev/shm] [--python /usr/bin/python3]
+
+--scratch puts the copies on another file system (tmpfs takes the disk out of the figures);
+--python is the interpreter the host runs our receiver with (a pyenv shim costs ~0.1 s).
 """
 
 from __future__ import annotations
@@ -53,8 +57,9 @@ def median_seconds(action: Callable[[int], None], repeat: int) -> float:
 
 
 class Bench:
-    def __init__(self, server: OpenSshServer, scratch: Path, repeat: int):
+    def __init__(self, server: OpenSshServer, scratch: Path, repeat: int, python: str):
         self.server = server
+        self.python = python
         self.scratch = scratch
         self.repeat = repeat
         self.transport = SshTransport(**server.transport_params("bench"))
@@ -78,7 +83,8 @@ class Bench:
     def run_dataset(self, name: str, folder: Path) -> list[tuple[str, float, float]]:
         up_ours = median_seconds(
             lambda n: upload_case(
-                self.transport, folder, str(self.fresh("up-ours", n)), timeout=TIMEOUT
+                self.transport, folder, str(self.fresh("up-ours", n)),
+                timeout=TIMEOUT, python=self.python,
             ),
             self.repeat,
         )
@@ -87,7 +93,8 @@ class Bench:
         )
         down_ours = median_seconds(
             lambda n: download_results(
-                self.transport, str(folder), self.fresh("down-ours", n), timeout=TIMEOUT
+                self.transport, str(folder), self.fresh("down-ours", n),
+                timeout=TIMEOUT, python=self.python,
             ),
             self.repeat,
         )
@@ -107,18 +114,20 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--big-mb", type=int, default=200)
     parser.add_argument("--small", type=int, default=2000)
+    parser.add_argument("--scratch", type=Path, default=None)
+    parser.add_argument("--python", default=_system_python())
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-transfer-") as temp:
         root = Path(temp)
         (root / "sshd").mkdir()
         (root / "data").mkdir()
-        (root / "scratch").mkdir()
+        scratch = Path(tempfile.mkdtemp(prefix="bench-copies-", dir=args.scratch or root))
         server = OpenSshServer(root / "sshd")
         server.start()
         try:
             datasets = make_data(root / "data", args.big_mb, args.small)
-            bench = Bench(server, root / "scratch", args.repeat)
+            bench = Bench(server, scratch, args.repeat, args.python)
             rows = []
             for name, folder in datasets.items():
                 rows += bench.run_dataset(name, folder)
@@ -132,6 +141,11 @@ def main() -> None:
                   " included in every scp figure)")  # fmt: skip
         finally:
             server.stop()
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _system_python() -> str:
+    return "/usr/bin/python3" if Path("/usr/bin/python3").exists() else "python3"
 
 
 if __name__ == "__main__":

@@ -415,20 +415,32 @@ class _ChannelWriter:
 class _ChannelReader:
     """The standard output of a remote command, as a file to read from.
 
-    `read(n)` returns between 1 and n bytes (like a raw file), or b"" at the end."""
+    `read(n)` returns between 1 and n bytes (like a raw file), or b"" at the end. It takes
+    everything paramiko has buffered at once and hands it out in slices: paramiko's own
+    buffer moves all it holds on every read, which is slow for many small reads."""
 
     def __init__(self, owner: SshTransport, channel: paramiko.Channel, argv, deadline: Deadline):
         self._owner = owner
         self._channel = channel
         self._argv = argv
         self._deadline = deadline
+        self._pending = b""
+        self._offset = 0
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             return b"".join(iter(lambda: self.read(READ_CHUNK), b""))
+        if self._offset >= len(self._pending):
+            self._pending = self._receive()
+            self._offset = 0
+        piece = self._pending[self._offset : self._offset + size]
+        self._offset += len(piece)
+        return piece
+
+    def _receive(self) -> bytes:
         self._channel.settimeout(self._deadline.remaining())
         try:
-            return self._channel.recv(size)
+            return self._channel.recv(CHANNEL_WINDOW)
         except socket.timeout:
             raise command_timeout(self._owner.host, self._argv, self._deadline.timeout) from None
 
