@@ -51,7 +51,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SECRET_LOOKING_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|PRIVATE|API_?KEY", re.I)
 _RESERVED_ENV_NAMES = {"PATH", *HOST_LOCATION_VARIABLES}
 _UNKNOWN_GROUP = re.compile(r"Group .* doesn't exist")
-_NOT_KILLABLE_STATES = {TaskState.QUEUED, TaskState.STASHED, TaskState.LOCKED}
+_NOT_STARTED_STATES = {TaskState.QUEUED, TaskState.STASHED, TaskState.LOCKED}
 _PUEUE_NOT_FOUND_CODES = {126, 127}
 
 
@@ -83,7 +83,7 @@ class UnknownGroup(PueueCommandFailed):
             "add",
             exit_code,
             text,
-            f" (host {host!r} has no pueue group {group!r}: create it with "
+            f" (no pueue group {group!r} on this host: create it with "
             f"`pueue group add {group}` or fix the configured group)",
         )
 
@@ -162,7 +162,7 @@ class PueueQueue(Queue):
                 if seen.finished:
                     return KillOutcome(True, seen, f"task {seen.id} ({label}) is {seen.result}")
                 # a queued task cannot be killed, and must not start later: remove it
-                action = "remove" if seen.state in _NOT_KILLABLE_STATES else "kill"
+                action = "remove" if seen.state in _NOT_STARTED_STATES else "kill"
                 if action not in sent:
                     sent.append(action)
                     # exit 1 means the task changed state meanwhile; the next poll decides
