@@ -139,11 +139,15 @@ class Ledger:
         """Migrate the schema to `revision`; one process at a time does it."""
         if revision == "head" and self.schema_revision() == migrations.head_revision():
             return migrations.head_revision()
-        with self._writer.begin() as connection:  # SQLite: holds the write lock
-            if connection.dialect.name == "postgresql":
-                connection.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
-            migrations.upgrade(connection, revision)
-            return migrations.current_revision(connection)
+
+        def migrate() -> str | None:
+            with self._writer.begin() as connection:  # SQLite: holds the write lock
+                if connection.dialect.name == "postgresql":
+                    connection.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
+                migrations.upgrade(connection, revision)
+                return migrations.current_revision(connection)
+
+        return _retrying(migrate)
 
     # -- sessions -------------------------------------------------------------------
 
@@ -154,15 +158,12 @@ class Ledger:
 
     def _write(self, work: Callable[[Session], T]) -> T:
         """Run `work` in one write transaction, again from the start if it lost a lock race."""
-        for attempt in range(1, _WRITE_ATTEMPTS + 1):
-            try:
-                with Session(self._writer) as session, session.begin():
-                    return work(session)
-            except DBAPIError as error:
-                if attempt == _WRITE_ATTEMPTS or not is_retryable(error):
-                    raise
-                time.sleep(0.05 * 2**attempt * (0.5 + secrets.randbelow(100) / 100))
-        raise AssertionError("unreachable")
+
+        def transaction() -> T:
+            with Session(self._writer) as session, session.begin():
+                return work(session)
+
+        return _retrying(transaction)
 
     # -- cases ----------------------------------------------------------------------
 
@@ -502,6 +503,18 @@ class Ledger:
             if not include_inactive:
                 query = query.where(GpuGroupRow.active.is_(True))
             return _sorted_groups(session.scalars(query))
+
+
+def _retrying(transaction: Callable[[], T]) -> T:
+    """Run a whole transaction; run it again, after a jittered pause, if it lost a lock race."""
+    for attempt in range(1, _WRITE_ATTEMPTS + 1):
+        try:
+            return transaction()
+        except DBAPIError as error:
+            if attempt == _WRITE_ATTEMPTS or not is_retryable(error):
+                raise
+            time.sleep(0.05 * 2**attempt * (0.5 + secrets.randbelow(100) / 100))
+    raise AssertionError("unreachable")
 
 
 def _attempt_value(name: str, value: object) -> object:
