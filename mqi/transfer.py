@@ -21,7 +21,7 @@ from pathlib import Path
 from mqi import transfer_remote as wire
 from mqi.errors import MqiError
 from mqi.transport._common import Deadline
-from mqi.transport.base import CommandResult, Transport
+from mqi.transport.base import CommandResult, Transport, TransportError
 
 REMOTE_PROGRAM = Path(wire.__file__).read_text()
 DEFAULT_PYTHON = "python3"
@@ -37,8 +37,9 @@ class CaseInputError(TransferError):
     """The case folder holds something that cannot be sent; the message names it."""
 
 
-class TransferVerificationFailed(TransferError):
-    """What arrived differs from what was sent (damaged or cut short in transit)."""
+class TransferVerificationFailed(TransportError, TransferError):
+    """What arrived differs from what was sent (damaged or cut short in transit): a
+    transport problem, so whoever retries those retries this too."""
 
     transient = True
 
@@ -115,7 +116,7 @@ def upload_case(
     arrived = _reply(result, remote_dir)
     if arrived != sent:
         raise TransferVerificationFailed(
-            f"host {transport.host!r}: the manifest of {remote_dir!r} differs from the one sent"
+            transport.host, f"the manifest of {remote_dir!r} differs from the one sent"
         )
     return Manifest.from_records(sent)
 
@@ -147,7 +148,7 @@ def download_results(
         _check(result, remote_dir)
         if isinstance(outcome, wire.StreamError):
             raise TransferVerificationFailed(
-                f"host {transport.host!r}: download of {remote_dir!r} failed: {outcome}"
+                transport.host, f"download of {remote_dir!r} failed: {outcome}"
             )
         wire.put_in_place(staged, str(local_dest))
     finally:
@@ -220,8 +221,7 @@ def _reply(result: CommandResult, remote_dir: str) -> list[dict] | None:
 def _check(result: CommandResult, remote_dir: str) -> None:
     if result.exit_code == wire.EXIT_BAD_STREAM:
         raise TransferVerificationFailed(
-            f"host {result.host!r}: transfer to {remote_dir!r} failed verification: "
-            f"{result.err.strip()}"
+            result.host, f"transfer to {remote_dir!r} failed verification: {result.err.strip()}"
         )
     if result.exit_code == wire.EXIT_REFUSED:
         raise TransferError(f"host {result.host!r}: {remote_dir!r}: {result.err.strip()}")

@@ -339,7 +339,7 @@ class SshTransport(Transport):
             return paramiko.PKey.from_path(self.key_file, _passphrase_bytes(self._key_passphrase))
         except FileNotFoundError:
             problem = "does not exist"
-        except paramiko.PasswordRequiredException:
+        except (paramiko.PasswordRequiredException, TypeError):  # TypeError: from cryptography
             problem = "is encrypted: set its passphrase"
         except (paramiko.SSHException, ValueError):
             problem = "cannot be read: wrong passphrase or not a private key"

@@ -266,3 +266,13 @@ def sshd(sshd_factory) -> OpenSshServer:
     """The session's shared server. Tests that stop it must start it again (or use
     `sshd_factory` for a private one)."""
     return sshd_factory()
+
+
+@pytest.fixture(scope="session")
+def ssh_transport(sshd):
+    """An `SshTransport` to the session's server (its one shared connection)."""
+    from mqi.transport.ssh import SshTransport
+
+    transport = SshTransport(**sshd.transport_params(), connect_attempts=3, first_backoff_seconds=0.2)
+    yield transport
+    transport.close()
