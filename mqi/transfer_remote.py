@@ -147,19 +147,24 @@ def _hash_file(root, entry, out):
     with open(fd, "rb", buffering=0) as source:
         if not _unchanged(entry, os.fstat(fd)):
             raise RefusedEntry(entry.path, "changed while the folder was being read")
-        try:
-            for chunk in iter(lambda: source.read(CHUNK), b""):
-                copied += len(chunk)
-                if copied > entry.size:
-                    break
-                digest.update(chunk)
-                if out is not None:
-                    out.write(chunk)
-        except OSError as error:
-            raise RefusedEntry(entry.path, "cannot be read ({})".format(error.strerror))
+        while copied <= entry.size:
+            chunk = _read_chunk(source, entry)
+            if not chunk:
+                break
+            copied += len(chunk)
+            digest.update(chunk)
+            if out is not None and copied <= entry.size:
+                out.write(chunk)
         if copied != entry.size or not _unchanged(entry, os.fstat(fd)):
             raise RefusedEntry(entry.path, "changed while the folder was being read")
     return digest.hexdigest()
+
+
+def _read_chunk(source, entry):
+    try:
+        return source.read(CHUNK)
+    except OSError as error:
+        raise RefusedEntry(entry.path, "cannot be read ({})".format(error.strerror))
 
 
 def _unchanged(entry, st):

@@ -7,14 +7,11 @@ import time
 import pytest
 
 from mqi.transport.base import CommandTimeout, RemoteCommandFailed
-from mqi.transport.local import LocalTransport
 
 
-@pytest.fixture(params=["local", "ssh"])
-def transport(request):
-    if request.param == "local":
-        return LocalTransport("local-test")
-    return request.getfixturevalue("ssh_transport")
+@pytest.fixture
+def transport(each_transport):
+    return each_transport
 
 
 def test_run_returns_output_and_exit_code(transport):

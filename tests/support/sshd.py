@@ -276,3 +276,13 @@ def ssh_transport(sshd):
     transport = SshTransport(**sshd.transport_params(), connect_attempts=3, first_backoff_seconds=0.2)
     yield transport
     transport.close()
+
+
+@pytest.fixture(params=["local", "ssh"])
+def each_transport(request):
+    """Runs a test once over LocalTransport and once over SSH to the session's server."""
+    if request.param == "local":
+        from mqi.transport.local import LocalTransport
+
+        return LocalTransport("local-test")
+    return request.getfixturevalue("ssh_transport")

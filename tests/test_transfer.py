@@ -1,0 +1,403 @@
+"""Case transfer over LocalTransport and over SSH to a real sshd: exact copies, refusals,
+idempotent uploads, and damaged or interrupted transfers that never look complete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mqi.transfer import (
+    CaseInputError,
+    RemoteResultsMissing,
+    TransferVerificationFailed,
+    download_results,
+    remove_remote_dir,
+    upload_case,
+)
+from mqi.transport.base import HostUnreachable, Transport
+from mqi.transport.local import LocalTransport
+from mqi.transport.ssh import SshTransport
+
+TIMEOUT = 60
+MARKER = b"PAYLOAD-MARKER"
+CANARY = f"CANARY-{uuid.uuid4().hex[:8]}"
+ODD_NAMES = [
+    "with space.txt",
+    "quote'single",
+    'quote"double',
+    "semi;colon; touch " + CANARY,
+    f"$(touch {CANARY})",
+    f"`touch {CANARY}`",
+    "new\nline",
+    "-leading-dash",
+    "--also=option",
+    os.fsdecode(b"not-utf8-\xff\xfe"),
+]
+
+
+# -- building and reading folders --------------------------------------------------------
+
+
+def make_case(root: Path) -> Path:
+    case = root / "case"
+    (case / "beams" / "beam 1").mkdir(parents=True)
+    (case / "empty folder" / "nested empty").mkdir(parents=True)
+    (case / "plan.dcm").write_bytes(os.urandom(300_000) + MARKER + os.urandom(1000))
+    (case / "beams" / "beam 1" / "spots.csv").write_text("x,y\n1,2\n")
+    (case / "run.sh").write_text("#!/bin/sh\necho run\n")
+    (case / "run.sh").chmod(0o750)
+    (case / "private.txt").write_text("p")
+    (case / "private.txt").chmod(0o600)
+    (case / "empty.bin").write_bytes(b"")
+    (case / "beams" / "latest").symlink_to("beam 1")
+    for name in ODD_NAMES:
+        (case / name).write_text(f"content of {name!r}")
+    return case
+
+
+def snapshot(root: Path) -> dict[bytes, tuple]:
+    """Everything that must survive a copy: relative path, type, mode, content or target."""
+    found = {}
+    base = os.fsencode(root)
+    for folder, dirs, files in os.walk(base):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            relative = os.path.relpath(path, base)
+            if stat.S_ISLNK(st.st_mode):
+                found[relative] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                found[relative] = ("dir", stat.S_IMODE(st.st_mode))
+            else:
+                found[relative] = ("file", stat.S_IMODE(st.st_mode), Path(os.fsdecode(path)).read_bytes())
+    return found
+
+
+def assert_no_canary(tmp_path: Path) -> None:
+    """A name run by a shell would have made a file named exactly CANARY in the working
+    folder of that shell (home over SSH, ours locally) or near the copies."""
+    for place in (Path.home(), Path.cwd(), Path("/tmp")):
+        assert not (place / CANARY).exists()
+    assert list(tmp_path.rglob(CANARY)) == []
+
+
+def leftovers(parent: Path) -> list[str]:
+    return [name for name in os.listdir(parent) if ".mqi-" in name] if parent.exists() else []
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 10) -> bool:
+    """For the remote side, which cleans up on its own after we hang up."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+class Tapped(Transport):
+    """A transport that lets a test see or alter the streams, and counts what was sent."""
+
+    def __init__(self, inner: Transport, *, on_write=None, on_read=None, before_write=None):
+        self.inner = inner
+        self.host = inner.host
+        self.on_write = on_write or (lambda stream: stream)
+        self.on_read = on_read or (lambda stream: stream)
+        self.before_write = before_write or (lambda: None)
+        self.streams_sent = 0
+
+    def run(self, argv, *, timeout, stdin=None, cwd=None):
+        return self.inner.run(argv, timeout=timeout, stdin=stdin, cwd=cwd)
+
+    def run_writing(self, argv, write, *, timeout):
+        self.streams_sent += 1
+        self.before_write()
+        return self.inner.run_writing(
+            argv, lambda stream: write(self.on_write(stream)), timeout=timeout
+        )
+
+    def run_reading(self, argv, read, *, timeout):
+        return self.inner.run_reading(argv, lambda stream: read(self.on_read(stream)), timeout=timeout)
+
+
+class Corrupting:
+    """Flips one byte of the payload as it passes (what a broken link or disk would do)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, data):
+        return self.stream.write(bytes(data).replace(MARKER, MARKER[:-1] + b"X"))
+
+    def read(self, size=-1):
+        return self.stream.read(size).replace(MARKER, MARKER[:-1] + b"X")
+
+    def flush(self):
+        self.stream.flush()
+
+
+class CutAfter:
+    """Stops the stream after `limit` bytes by raising (the sender died mid-way)."""
+
+    def __init__(self, stream, limit: int):
+        self.stream = stream
+        self.left = limit
+
+    def write(self, data):
+        if len(data) > self.left:
+            raise ConnectionAbortedError("sender died")
+        self.left -= len(data)
+        return self.stream.write(data)
+
+    def flush(self):
+        self.stream.flush()
+
+
+# -- copies are exact and nothing in a name is run ---------------------------------------
+
+
+def test_round_trip_keeps_everything_and_runs_nothing(each_transport, tmp_path):
+    case = make_case(tmp_path)
+    remote = tmp_path / "host" / "work" / "uid-1" / "input"  # parents do not exist yet
+    back = tmp_path / "back"
+
+    sent = upload_case(each_transport, case, str(remote), timeout=TIMEOUT)
+    got = download_results(each_transport, str(remote), back, timeout=TIMEOUT)
+
+    assert snapshot(remote) == snapshot(case)
+    assert snapshot(back) == snapshot(case)
+    assert sent == got
+    assert not sent.reused
+    assert sent.file_count == 5 + len(ODD_NAMES)
+    assert sent.total_bytes == sum(p.stat().st_size for p in case.rglob("*") if p.is_file() and not p.is_symlink())
+    assert leftovers(remote.parent) == [] and leftovers(tmp_path) == []
+    assert_no_canary(tmp_path)
+
+
+# -- what a case folder may not hold -----------------------------------------------------
+
+
+def _escaping_link(case: Path) -> str:
+    (case / "beams" / "leak").symlink_to("../../outside.txt")
+    return "'beams/leak' is a symbolic link leaving the folder"
+
+
+def _absolute_link(case: Path) -> str:
+    (case / "abs").symlink_to(case / "plan.dcm")
+    return "'abs' is a symbolic link to an absolute path"
+
+
+def _fifo(case: Path) -> str:
+    os.mkfifo(case / "beams" / "pipe")
+    return "'beams/pipe' is a named pipe (FIFO), not a file"
+
+
+def _device(case: Path) -> str:
+    try:
+        os.mknod(case / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device file needs root")
+    return "'null' is a character device, not a file"
+
+
+@pytest.mark.parametrize("spoil", [_escaping_link, _absolute_link, _fifo, _device])
+def test_refused_entries_are_named_and_nothing_is_sent(tmp_path, spoil):
+    case = make_case(tmp_path)
+    expected = spoil(case)
+    transport = Tapped(LocalTransport())
+    remote = tmp_path / "remote"
+
+    with pytest.raises(CaseInputError) as refused:
+        upload_case(transport, case, str(remote), timeout=TIMEOUT)
+
+    assert expected in str(refused.value)
+    assert str(case) in str(refused.value)
+    assert transport.streams_sent == 0
+    assert not remote.exists()
+
+
+def test_unreadable_file_is_refused(tmp_path):
+    """Root reads any file whatever its mode, so the upload runs in a child process without
+    the capabilities that let root bypass permissions (CAP_DAC_OVERRIDE/READ_SEARCH)."""
+    case = make_case(tmp_path)
+    secret = case / "beams" / "locked.dat"
+    secret.write_text("no")
+    secret.chmod(0o000)
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("setpriv (util-linux) is needed to drop root's read-anything power")
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from mqi.transfer import upload_case, CaseInputError\n"
+        "from mqi.transport.local import LocalTransport\n"
+        "try:\n"
+        "    upload_case(LocalTransport(), Path(sys.argv[1]), sys.argv[2], timeout=60)\n"
+        "except CaseInputError as error:\n"
+        "    print(error)\n"
+    )
+    child = subprocess.run(
+        [*prefix, sys.executable, "-c", script, str(case), str(tmp_path / "remote")],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+    assert "'beams/locked.dat' cannot be read (permission denied)" in child.stdout, child.stderr
+    assert not (tmp_path / "remote").exists()
+
+
+def test_a_file_changing_while_read_is_refused(each_transport, tmp_path):
+    case = make_case(tmp_path)
+    remote = tmp_path / "remote"
+
+    def change_a_file():
+        with (case / "beams" / "beam 1" / "spots.csv").open("a") as spots:
+            spots.write("3,4\n")
+
+    with pytest.raises(CaseInputError, match="'beams/beam 1/spots.csv' changed while"):
+        upload_case(Tapped(each_transport, before_write=change_a_file), case, str(remote), timeout=TIMEOUT)
+
+    assert wait_until(lambda: leftovers(tmp_path) == [])
+    assert not remote.exists()
+
+
+def test_missing_case_folder(tmp_path):
+    with pytest.raises(CaseInputError, match="does not exist"):
+        upload_case(LocalTransport(), tmp_path / "nope", str(tmp_path / "remote"), timeout=TIMEOUT)
+
+
+# -- uploads are idempotent --------------------------------------------------------------
+
+
+def test_an_upload_already_in_place_is_not_sent_again(each_transport, tmp_path):
+    case = make_case(tmp_path)
+    remote = tmp_path / "remote"
+    first = upload_case(each_transport, case, str(remote), timeout=TIMEOUT)
+    before = (remote.stat().st_ino, (remote / "plan.dcm").stat().st_ino)
+    transport = Tapped(each_transport)
+
+    again = upload_case(transport, case, str(remote), timeout=TIMEOUT)
+
+    assert again.reused and again == first
+    assert transport.streams_sent == 0
+    assert (remote.stat().st_ino, (remote / "plan.dcm").stat().st_ino) == before
+
+
+def test_same_sizes_but_other_content_is_sent_again(each_transport, tmp_path):
+    case = make_case(tmp_path)
+    remote = tmp_path / "remote"
+    upload_case(each_transport, case, str(remote), timeout=TIMEOUT)
+    (case / "private.txt").write_text("q")  # same size, same listing
+
+    again = upload_case(each_transport, case, str(remote), timeout=TIMEOUT)
+
+    assert not again.reused
+    assert (remote / "private.txt").read_text() == "q"
+
+
+def test_a_partial_upload_is_replaced(each_transport, tmp_path):
+    case = make_case(tmp_path)
+    remote = tmp_path / "remote"
+    shutil.copytree(case, remote, symlinks=True)
+    (remote / "plan.dcm").write_bytes(b"truncated")
+    (remote / "run.sh").unlink()
+    (remote / "stale.txt").write_text("from an older upload")
+
+    upload_case(each_transport, case, str(remote), timeout=TIMEOUT)
+
+    assert snapshot(remote) == snapshot(case)
+
+
+# -- damaged or interrupted transfers never look complete --------------------------------
+
+
+def test_damaged_upload_is_detected_and_not_put_in_place(each_transport, tmp_path):
+    case = make_case(tmp_path)
+    remote = tmp_path / "remote"
+
+    with pytest.raises(TransferVerificationFailed, match="does not match what was sent") as failed:
+        upload_case(Tapped(each_transport, on_write=Corrupting), case, str(remote), timeout=TIMEOUT)
+
+    assert failed.value.transient
+    assert "'plan.dcm'" in str(failed.value)
+    assert not remote.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_upload_cut_short_leaves_nothing_in_place(each_transport, tmp_path):
+    case = make_case(tmp_path)
+    remote = tmp_path / "remote"
+    cut = Tapped(each_transport, on_write=lambda stream: CutAfter(stream, 100_000))
+
+    with pytest.raises(ConnectionAbortedError):
+        upload_case(cut, case, str(remote), timeout=TIMEOUT)
+
+    assert wait_until(lambda: leftovers(tmp_path) == [])
+    assert not remote.exists()
+    upload_case(each_transport, case, str(remote), timeout=TIMEOUT)  # the retry completes
+    assert snapshot(remote) == snapshot(case)
+
+
+def test_damaged_download_keeps_the_previous_results(each_transport, tmp_path):
+    case = make_case(tmp_path)
+    dest = tmp_path / "results"
+    dest.mkdir()
+    (dest / "old.txt").write_text("previous results")
+
+    with pytest.raises(TransferVerificationFailed, match="'plan.dcm'"):
+        download_results(Tapped(each_transport, on_read=Corrupting), str(case), dest, timeout=TIMEOUT)
+
+    assert snapshot(dest) == {b"old.txt": ("file", 0o644, b"previous results")}
+    assert leftovers(tmp_path) == []
+
+    download_results(each_transport, str(case), dest, timeout=TIMEOUT)
+    assert snapshot(dest) == snapshot(case)  # replaced only by a verified copy
+
+
+def test_missing_results_folder(each_transport, tmp_path):
+    dest = tmp_path / "results"
+
+    with pytest.raises(RemoteResultsMissing, match="no results folder"):
+        download_results(each_transport, str(tmp_path / "nothing"), dest, timeout=TIMEOUT)
+
+    assert not dest.exists() and leftovers(tmp_path) == []
+
+
+def test_connection_cut_during_download(sshd_factory, tmp_path):
+    server = sshd_factory()
+    transport = SshTransport(**server.transport_params(), connect_attempts=1)
+    results = tmp_path / "output"
+    results.mkdir()
+    (results / "dose.bin").write_bytes(os.urandom(40 * 1024 * 1024))
+    dest = tmp_path / "results"
+
+    def cut_on_first_read(stream):
+        server.kill_sessions()
+        return stream
+
+    with pytest.raises(HostUnreachable, match="connection lost"):
+        download_results(Tapped(transport, on_read=cut_on_first_read), str(results), dest, timeout=TIMEOUT)
+
+    assert not dest.exists() and leftovers(tmp_path) == []
+
+
+def test_remove_remote_dir(each_transport, tmp_path):
+    case = make_case(tmp_path)
+
+    remove_remote_dir(each_transport, str(case), timeout=TIMEOUT)
+    remove_remote_dir(each_transport, str(case), timeout=TIMEOUT)  # already gone: fine
+
+    assert not case.exists()
+    with pytest.raises(ValueError):
+        remove_remote_dir(each_transport, "/", timeout=TIMEOUT)
