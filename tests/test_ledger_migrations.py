@@ -10,7 +10,9 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Integer, String, Text, column, inspect, table
 
 from mqi.ledger import AttemptResult, CaseState, Ledger
-from mqi.ledger.migrations import head_revision
+from alembic.script import ScriptDirectory
+
+from mqi.ledger.migrations import HEAD_REVISION, SCRIPT_LOCATION
 from mqi.ledger.models import Base, FolderPath, UTCDateTime
 
 CREATED = datetime(2024, 12, 31, 23, 0, tzinfo=UTC)
@@ -77,7 +79,7 @@ def test_an_old_database_is_upgraded_with_its_data_intact(ledger_url):
         assert "pinned_host" not in {c["name"] for c in inspect(old.engine).get_columns("cases")}
 
     with Ledger.open(ledger_url) as upgraded:
-        assert upgraded.schema_revision() == head_revision() == "0002"
+        assert upgraded.schema_revision() == HEAD_REVISION == "0002"
         case = upgraded.find_case("aaaaaaaaaaaa")
         assert (case.id, case.source, case.state, case.created_at) == (
             1, "/inbox/old_case", CaseState.COMPLETED, CREATED,
@@ -108,5 +110,9 @@ def test_opening_twice_does_not_migrate_again(ledger_url):
     with Ledger.open(ledger_url) as first:
         first.register_case("/inbox/a")
     with Ledger.open(ledger_url) as second:
-        assert second.schema_revision() == head_revision()
+        assert second.schema_revision() == HEAD_REVISION
         assert [c.source for c in second.list_cases()] == ["/inbox/a"]
+
+
+def test_the_declared_head_is_the_newest_migration():
+    assert ScriptDirectory(str(SCRIPT_LOCATION)).get_current_head() == HEAD_REVISION

@@ -14,9 +14,7 @@ from datetime import datetime, tzinfo
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from rich.cells import cell_len
 
 from mqi.cli.app import app, current_settings, db_app
 from mqi.ledger import Attempt, Case, CaseOverview, CaseState, Event, Ledger, LedgerError
@@ -76,40 +74,30 @@ def status_json(overviews: list[CaseOverview], zone: tzinfo) -> list[dict[str, A
     return [case_json(o.case, o.latest_attempt, zone) for o in overviews]
 
 
-def status_table(overviews: list[CaseOverview], zone: tzinfo, now: datetime) -> Table:
-    table = _table(
-        f"{len(overviews)} case(s), times in {zone}",
-        "id", "name", "state", "progress", "host", "group", "task", "age", "updated",
-    )
+def status_lines(overviews: list[CaseOverview], zone: tzinfo, now: datetime) -> list[str]:
+    """The status table as aligned text lines, title first."""
+    rows = []
     for overview in overviews:
         case, latest = overview.case, overview.latest_attempt
-        table.add_row(
-            str(case.id),
-            Text(case.name),
-            _styled_state(case.state),
-            f"{case.progress}%",
-            Text(latest.host if latest else ""),
-            Text(latest.group if latest else ""),
-            "" if latest is None or latest.task_id is None else str(latest.task_id),
-            age_text(case.created_at, now),
-            local_text(case.updated_at, zone, "%m-%d %H:%M"),
+        rows.append(
+            (
+                str(case.id),
+                case.name,
+                case.state,
+                f"{case.progress}%",
+                latest.host if latest else "",
+                latest.group if latest else "",
+                "" if latest is None or latest.task_id is None else str(latest.task_id),
+                age_text(case.created_at, now),
+                local_text(case.updated_at, zone, "%m-%d %H:%M"),
+            )
         )
-    return table
+    header = ("id", "name", "state", "progress", "host", "group", "task", "age", "updated")
+    return [f"{len(overviews)} case(s), times in {zone}", *aligned(header, rows)]
 
 
 _NUMBER_COLUMNS = {"id", "#", "progress", "task", "attempt", "exit"}
-_TIME_COLUMNS = {"age", "updated", "submitted", "ended", "at"}
-
-
-def _table(title: str, *columns: str) -> Table:
-    table = Table(title=title)
-    for column in columns:
-        justify = "right" if column in _NUMBER_COLUMNS else "left"
-        table.add_column(column, justify=justify, no_wrap=column in _TIME_COLUMNS)
-    return table
-
-
-_STATE_STYLES = {
+_STATE_COLORS = {
     CaseState.COMPLETED: "green",
     CaseState.FAILED: "red",
     CaseState.CANCELLED: "yellow",
@@ -118,9 +106,24 @@ _STATE_STYLES = {
 }
 
 
-def _styled_state(state: CaseState) -> str:
-    style = _STATE_STYLES.get(state)
-    return f"[{style}]{state}[/]" if style else str(state)
+def aligned(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """A plain text table: a bold header, then one line per row, numbers right-aligned.
+
+    Rich's Table needs about 0.6 ms a row, 6 s for 10,000 cases; this takes a few ms.
+    Case states are colored (click drops the colors when output is not a terminal).
+    """
+    widths = [max([cell_len(h), *(cell_len(row[i]) for row in rows)]) for i, h in enumerate(header)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        padded = []
+        for name, cell, width in zip(header, cells, widths, strict=True):
+            fill = " " * (width - cell_len(cell))
+            text = fill + cell if name in _NUMBER_COLUMNS else cell + fill
+            color = _STATE_COLORS.get(cell) if isinstance(cell, CaseState) else None
+            padded.append(typer.style(text, fg=color) if color else text)
+        return "  ".join(padded).rstrip()
+
+    return [typer.style(line(header), bold=True), *(line(row) for row in rows)]
 
 
 def detail_json(detail: CaseDetail, zone: tzinfo) -> dict[str, Any]:
@@ -167,52 +170,58 @@ def _attempt_json(attempt: Attempt, zone: tzinfo) -> dict[str, Any]:
     }
 
 
-def print_detail(console: Console, detail: CaseDetail, zone: tzinfo) -> None:
+def detail_lines(detail: CaseDetail, zone: tzinfo) -> list[str]:
+    """`mqi show` as text: the case, its attempts, its events."""
     case = detail.case
-    console.print(Text.assemble((f"case {case.id} ", "bold"), case.name, f"  (uid {case.uid})"))
-    console.print(f"  folder:   {case.source}", markup=False)
-    console.print(f"  state:    {_styled_state(case.state)}  {case.progress}%")
+    lines = [
+        typer.style(f"case {case.id}  {case.name}  (uid {case.uid})", bold=True),
+        f"  folder:   {case.source}",
+        f"  state:    {case.state}  {case.progress}%",
+    ]
     if case.failure_category:
-        console.print(f"  failure:  {case.failure_category}: {case.failure_message or ''}", markup=False)
+        lines.append(f"  failure:  {case.failure_category}: {case.failure_message or ''}")
     if case.results_path:
-        console.print(f"  results:  {case.results_path}", markup=False)
+        lines.append(f"  results:  {case.results_path}")
     if case.pinned_host:
-        console.print(f"  pinned:   {case.pinned_host}/{case.pinned_group or '*'}", markup=False)
-    console.print(f"  created:  {local_text(case.created_at, zone)}  updated: {local_text(case.updated_at, zone)}")
-    console.print(_attempts_table(detail.attempts, zone))
-    console.print(_events_table(detail.events, detail.attempts, zone))
+        lines.append(f"  pinned:   {case.pinned_host}/{case.pinned_group or '*'}")
+    lines.append(f"  created:  {local_text(case.created_at, zone)}   updated: {local_text(case.updated_at, zone)}")
+    lines += ["", f"attempts (times in {zone})", *_attempt_lines(detail.attempts, zone)]
+    lines += ["", "events", *_event_lines(detail.events, detail.attempts, zone)]
+    return lines
 
 
-def _attempts_table(attempts: list[Attempt], zone: tzinfo) -> Table:
-    table = _table("attempts", "#", "host", "group", "task", "label", "submitted", "ended", "result", "exit")
-    for attempt in attempts:
-        table.add_row(
+def _attempt_lines(attempts: list[Attempt], zone: tzinfo) -> list[str]:
+    rows = [
+        (
             str(attempt.number),
-            Text(attempt.host),
-            Text(attempt.group),
+            attempt.host,
+            attempt.group,
             "" if attempt.task_id is None else str(attempt.task_id),
-            Text(attempt.label),
+            attempt.label,
             local_text(attempt.submitted_at, zone),
             local_text(attempt.ended_at, zone),
             str(attempt.result or "live"),
             "" if attempt.exit_code is None else str(attempt.exit_code),
         )
-    return table
+        for attempt in attempts
+    ]
+    return aligned(("#", "host", "group", "task", "label", "submitted", "ended", "result", "exit"), rows)
 
 
-def _events_table(events: list[Event], attempts: list[Attempt], zone: tzinfo) -> Table:
+def _event_lines(events: list[Event], attempts: list[Attempt], zone: tzinfo) -> list[str]:
     numbers = {attempt.id: str(attempt.number) for attempt in attempts}
-    table = _table("events", "at", "from", "to", "attempt", "actor", "message")
-    for event in events:
-        table.add_row(
+    rows = [
+        (
             local_text(event.at, zone),
-            str(event.from_state or ""),
-            str(event.to_state),
+            event.from_state or "",
+            event.to_state,
             numbers.get(event.attempt_id, ""),
-            Text(event.actor),
-            Text(event.message),
+            event.actor,
+            event.message,
         )
-    return table
+        for event in events
+    ]
+    return aligned(("at", "from", "to", "attempt", "actor", "message"), rows)
 
 
 @contextmanager
@@ -246,7 +255,7 @@ def status(
     if as_json:
         _print_json(status_json(overviews, zone))
     else:
-        Console().print(status_table(overviews, zone, datetime.now(zone)))
+        typer.echo("\n".join(status_lines(overviews, zone, datetime.now(zone))))
 
 
 @app.command()
@@ -261,7 +270,7 @@ def show(
     if as_json:
         _print_json(detail_json(detail, zone))
     else:
-        print_detail(Console(), detail, zone)
+        typer.echo("\n".join(detail_lines(detail, zone)))
 
 
 @db_app.command("upgrade")

@@ -8,6 +8,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
+from sqlalchemy import Row
+
 from mqi.ledger.models import AttemptRow, CaseRow, EventRow, GpuGroupRow
 from mqi.ledger.states import AttemptResult, CaseState, FailureCategory
 
@@ -33,7 +35,8 @@ class Case:
         return Path(self.source)
 
     @classmethod
-    def from_row(cls, row: CaseRow) -> Case:
+    def from_row(cls, row: CaseRow | Row) -> Case:
+        """From an ORM row, or a plain result row of the cases table (faster in bulk)."""
         return cls(
             id=row.id,
             uid=row.uid,
@@ -73,7 +76,8 @@ class Attempt:
         return self.result is None
 
     @classmethod
-    def from_row(cls, row: AttemptRow) -> Attempt:
+    def from_row(cls, row: AttemptRow | Row) -> Attempt:
+        """From an ORM row, or a plain result row of the attempts table."""
         return cls(
             id=row.id,
             case_id=row.case_id,
