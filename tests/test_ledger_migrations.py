@@ -7,9 +7,10 @@ from datetime import UTC, datetime
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Integer, String, Text, column, inspect, table
+import pytest
+from sqlalchemy import Integer, String, Text, column, inspect, table, text
 
-from mqi.ledger import AttemptResult, CaseState, Ledger
+from mqi.ledger import AttemptResult, CaseState, Ledger, LedgerError
 from alembic.script import ScriptDirectory
 
 from mqi.ledger.migrations import HEAD_REVISION, SCRIPT_LOCATION
@@ -116,3 +117,10 @@ def test_opening_twice_does_not_migrate_again(ledger_url):
 
 def test_the_declared_head_is_the_newest_migration():
     assert ScriptDirectory(str(SCRIPT_LOCATION)).get_current_head() == HEAD_REVISION
+
+
+def test_a_ledger_from_a_newer_mqi_is_refused_clearly(ledger_url):
+    with Ledger.open(ledger_url) as ledger, ledger.engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    with pytest.raises(LedgerError, match="from revision 0099 to head.*older than the one"):
+        Ledger.open(ledger_url)

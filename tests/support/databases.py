@@ -38,11 +38,14 @@ def postgres_admin():
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
+        problem = None
     except OperationalError as error:
+        problem = str(error.orig).strip()
+    if problem is not None:
         engine.dispose()
         pytest.fail(
             f"PostgreSQL at {url.render_as_string(hide_password=True)} is unreachable "
-            f"({error.orig}). The ledger tests must run on PostgreSQL too: start it "
+            f"({problem}). The ledger tests must run on PostgreSQL too: start it "
             "(`scripts/test` installs and starts one; or `pg_ctlcluster <version> main start`, "
             "database `test`, user postgres, trust auth on 127.0.0.1) or point "
             "MQI_TEST_POSTGRES_URL at another server.",

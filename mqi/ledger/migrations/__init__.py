@@ -11,6 +11,8 @@ from pathlib import Path
 
 from sqlalchemy import Connection, inspect, text
 
+from mqi.ledger.engine import LedgerError
+
 SCRIPT_LOCATION = Path(__file__).parent
 # The newest revision in versions/ (a test checks that alembic agrees). Knowing it here
 # lets every start see that the schema is current without importing alembic (0.1 s).
@@ -28,8 +30,16 @@ def current_revision(connection: Connection) -> str | None:
 def upgrade(connection: Connection, revision: str = "head") -> None:
     """Bring the schema to `revision` inside the caller's transaction."""
     from alembic import command  # only when the schema is behind: see HEAD_REVISION
+    from alembic.util import CommandError
 
-    command.upgrade(alembic_config(connection), revision)
+    try:
+        command.upgrade(alembic_config(connection), revision)
+    except CommandError as error:
+        # Typically a database written by a newer mqi, whose revision we do not know.
+        raise LedgerError(
+            f"cannot migrate the ledger schema from revision {current_revision(connection)} "
+            f"to {revision}: {error} (is this mqi older than the one that wrote the ledger?)"
+        ) from None
 
 
 def alembic_config(connection: Connection):  # -> alembic.config.Config
