@@ -141,6 +141,25 @@ def test_detail_has_every_attempt_and_event(filled):
     assert "engine: exit 2" in text and "gpu2" in text and "retry" in text
 
 
+def test_show_copes_with_odd_folder_bytes_and_log_tails(ledger_url, tmp_path):
+    log_tail = "engine exited 3\nline one\nline two"
+    with Ledger.open(ledger_url) as ledger:
+        case, _ = ledger.register_case(os.fsencode(tmp_path) + b"/case\xff")
+        ledger.transition(
+            case.id, "failed", actor="flow", failure_category="engine", failure_message=log_tail
+        )
+        config = write_config(tmp_path, ledger_url)
+
+    shown = invoke(config, "show", str(case.id))
+    as_json = invoke(config, "show", str(case.id), "--json")
+
+    assert shown.exit_code == 0 and as_json.exit_code == 0, shown.output + as_json.output
+    assert f"folder:   {tmp_path}/case\ufffd" in shown.output
+    assert "failure:  engine: engine exited 3\n            line one\n            line two" in shown.output
+    assert "engine: engine exited 3 (+2 lines)" in shown.output  # the event, on one line
+    assert json.loads(as_json.output)["source"] == f"{tmp_path}/case\ufffd"
+
+
 # -- the commands ------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from rich.cells import cell_len
 
 from mqi.cli.app import app, current_settings, db_app
 from mqi.ledger import Attempt, Case, CaseOverview, CaseState, Event, Ledger, LedgerError
+from mqi.ledger.store import display_text
 
 
 @dataclass(frozen=True)
@@ -132,10 +133,10 @@ def detail_json(detail: CaseDetail, zone: tzinfo) -> dict[str, Any]:
     numbers = {attempt.id: attempt.number for attempt in detail.attempts}
     return {
         **case_json(case, detail.attempts[-1] if detail.attempts else None, zone),
-        "source": case.source,
+        "source": display_text(case.source),
         "failure_category": case.failure_category and case.failure_category.value,
         "failure_message": case.failure_message,
-        "results_path": case.results_path,
+        "results_path": case.results_path and display_text(case.results_path),
         "pinned_host": case.pinned_host,
         "pinned_group": case.pinned_group,
         "attempts": [_attempt_json(attempt, zone) for attempt in detail.attempts],
@@ -175,19 +176,26 @@ def detail_lines(detail: CaseDetail, zone: tzinfo) -> list[str]:
     case = detail.case
     lines = [
         typer.style(f"case {case.id}  {case.name}  (uid {case.uid})", bold=True),
-        f"  folder:   {case.source}",
+        f"  folder:   {display_text(case.source)}",
         f"  state:    {case.state}  {case.progress}%",
     ]
     if case.failure_category:
-        lines.append(f"  failure:  {case.failure_category}: {case.failure_message or ''}")
+        # A failure message may carry the tail of a log: keep its lines, indented.
+        failure = f"{case.failure_category}: {case.failure_message or ''}".rstrip()
+        lines.append("  failure:  " + failure.replace("\n", "\n            "))
     if case.results_path:
-        lines.append(f"  results:  {case.results_path}")
+        lines.append(f"  results:  {display_text(case.results_path)}")
     if case.pinned_host:
         lines.append(f"  pinned:   {case.pinned_host}/{case.pinned_group or '*'}")
     lines.append(f"  created:  {local_text(case.created_at, zone)}   updated: {local_text(case.updated_at, zone)}")
     lines += ["", f"attempts (times in {zone})", *_attempt_lines(detail.attempts, zone)]
     lines += ["", "events", *_event_lines(detail.events, detail.attempts, zone)]
     return lines
+
+
+def _first_line(text: str) -> str:
+    first, _, rest = text.partition("\n")
+    return f"{first} (+{len(rest.splitlines())} lines)" if rest else first
 
 
 def _attempt_lines(attempts: list[Attempt], zone: tzinfo) -> list[str]:
@@ -217,7 +225,7 @@ def _event_lines(events: list[Event], attempts: list[Attempt], zone: tzinfo) -> 
             event.to_state,
             numbers.get(event.attempt_id, ""),
             event.actor,
-            event.message,
+            _first_line(event.message),
         )
         for event in events
     ]
