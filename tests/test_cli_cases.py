@@ -31,7 +31,18 @@ from mqi.ledger.models import AttemptRow, CaseRow, EventRow
 REPO = Path(__file__).resolve().parents[1]
 SEOUL = ZoneInfo("Asia/Seoul")
 T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)  # 18:00 in Seoul
-STATUS_KEYS = ["id", "uid", "name", "state", "progress", "host", "group", "task_id", "created_at", "updated_at"]
+STATUS_KEYS = [
+    "id",
+    "uid",
+    "name",
+    "state",
+    "progress",
+    "host",
+    "group",
+    "task_id",
+    "created_at",
+    "updated_at",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -47,23 +58,33 @@ def filled(ledger_url, tmp_path):
     ticks = iter(T0 + timedelta(minutes=n) for n in range(1000))
     with Ledger.open(ledger_url, clock=lambda: next(ticks)) as ledger:
         running, _ = ledger.register_case(tmp_path / "inbox" / "running_case")
-        attempt = ledger.start_attempt(running.id, host="gpu1", group="g0", label="l-r", remote_dir="/r")
+        attempt = ledger.start_attempt(
+            running.id, host="gpu1", group="g0", label="l-r", remote_dir="/r"
+        )
         ledger.update_attempt(attempt.id, task_id=11)
         for state in ("uploading", "queued", "running"):
             ledger.transition(running.id, state, actor="flow/1", attempt_id=attempt.id)
         ledger.set_progress(running.id, 40)
 
         retried, _ = ledger.register_case(tmp_path / "inbox" / "retried_case")
-        first = ledger.start_attempt(retried.id, host="gpu1", group="g0", label="l-1", remote_dir="/r1")
+        first = ledger.start_attempt(
+            retried.id, host="gpu1", group="g0", label="l-1", remote_dir="/r1"
+        )
         ledger.update_attempt(first.id, task_id=3)
         ledger.transition(retried.id, "uploading", actor="flow/2", attempt_id=first.id)
         ledger.finish_attempt(first.id, AttemptResult.FAILED, exit_code=2)
         ledger.transition(
-            retried.id, "failed", actor="flow/2", attempt_id=first.id,
-            failure_category=FailureCategory.ENGINE, failure_message="exit 2",
+            retried.id,
+            "failed",
+            actor="flow/2",
+            attempt_id=first.id,
+            failure_category=FailureCategory.ENGINE,
+            failure_message="exit 2",
         )
         ledger.transition(retried.id, "pending", actor="operator", message="retry")
-        second = ledger.start_attempt(retried.id, host="gpu2", group="g1", label="l-2", remote_dir="/r2")
+        second = ledger.start_attempt(
+            retried.id, host="gpu2", group="g1", label="l-2", remote_dir="/r2"
+        )
         ledger.update_attempt(second.id, task_id=7)
         for state in ("uploading", "queued", "running"):
             ledger.transition(retried.id, state, actor="flow/3", attempt_id=second.id)
@@ -90,9 +111,13 @@ def invoke(config: Path, *arguments: str):
 
 @pytest.mark.parametrize(
     "elapsed, text",
-    [(timedelta(seconds=45), "45s"), (timedelta(minutes=12, seconds=5), "12m"),
-     (timedelta(hours=3, minutes=5), "3h05m"), (timedelta(days=2, hours=4), "2d04h"),
-     (timedelta(seconds=-5), "0s")],
+    [
+        (timedelta(seconds=45), "45s"),
+        (timedelta(minutes=12, seconds=5), "12m"),
+        (timedelta(hours=3, minutes=5), "3h05m"),
+        (timedelta(days=2, hours=4), "2d04h"),
+        (timedelta(seconds=-5), "0s"),
+    ],
 )
 def test_age_text(elapsed, text):
     assert age_text(T0, T0 + elapsed) == text
@@ -104,9 +129,24 @@ def test_status_json_has_the_latest_attempt_and_local_times(filled):
 
     assert [list(record) for record in records] == [STATUS_KEYS] * 3
     running, retried, new = records
-    assert (running["state"], running["progress"], running["host"], running["task_id"]) == ("running", 40, "gpu1", 11)
-    assert (retried["state"], retried["host"], retried["group"], retried["task_id"]) == ("completed", "gpu2", "g1", 7)
-    assert (new["state"], new["host"], new["group"], new["task_id"]) == ("pending", None, None, None)
+    assert (running["state"], running["progress"], running["host"], running["task_id"]) == (
+        "running",
+        40,
+        "gpu1",
+        11,
+    )
+    assert (retried["state"], retried["host"], retried["group"], retried["task_id"]) == (
+        "completed",
+        "gpu2",
+        "g1",
+        7,
+    )
+    assert (new["state"], new["host"], new["group"], new["task_id"]) == (
+        "pending",
+        None,
+        None,
+        None,
+    )
     assert running["created_at"] == "2025-03-01T18:00:00+09:00"
 
 
@@ -116,8 +156,29 @@ def test_status_lines_are_aligned_and_show_where_cases_run(filled):
 
     title, header, *rows = [_plain(line) for line in lines]
     assert title == "3 case(s), times in Asia/Seoul"
-    assert header.split() == ["id", "name", "state", "progress", "host", "group", "task", "age", "updated"]
-    assert rows[0].split() == ["1", "running_case", "running", "40%", "gpu1", "g0", "11", "2h00m", "03-01", "18:05"]
+    assert header.split() == [
+        "id",
+        "name",
+        "state",
+        "progress",
+        "host",
+        "group",
+        "task",
+        "age",
+        "updated",
+    ]
+    assert rows[0].split() == [
+        "1",
+        "running_case",
+        "running",
+        "40%",
+        "gpu1",
+        "g0",
+        "11",
+        "2h00m",
+        "03-01",
+        "18:05",
+    ]
     assert rows[2].split()[:4] == ["3", "new_case", "pending", "0%"]
     state_column = header.index("state")
     assert [row[state_column:].split()[0] for row in rows] == ["running", "completed", "pending"]
@@ -129,11 +190,19 @@ def test_detail_has_every_attempt_and_event(filled):
     data = detail_json(detail, SEOUL)
 
     assert data["name"] == "retried_case" and data["state"] == "completed"
-    assert [(a["host"], a["group"], a["task_id"], a["result"], a["exit_code"]) for a in data["attempts"]] == [
-        ("gpu1", "g0", 3, "failed", 2), ("gpu2", "g1", 7, "success", 0),
+    assert [
+        (a["host"], a["group"], a["task_id"], a["result"], a["exit_code"]) for a in data["attempts"]
+    ] == [
+        ("gpu1", "g0", 3, "failed", 2),
+        ("gpu2", "g1", 7, "success", 0),
     ]
     transitions = [(e["from"], e["to"]) for e in data["events"]]
-    assert transitions[:4] == [(None, "pending"), ("pending", "uploading"), ("uploading", "failed"), ("failed", "pending")]
+    assert transitions[:4] == [
+        (None, "pending"),
+        ("pending", "uploading"),
+        ("uploading", "failed"),
+        ("failed", "pending"),
+    ]
     assert transitions[-1] == ("downloading", "completed")
     assert data["events"][2]["message"] == "engine: exit 2"
     assert data["events"][0]["at"].endswith("+09:00")
@@ -155,7 +224,10 @@ def test_show_copes_with_odd_folder_bytes_and_log_tails(ledger_url, tmp_path):
 
     assert shown.exit_code == 0 and as_json.exit_code == 0, shown.output + as_json.output
     assert f"folder:   {tmp_path}/case\ufffd" in shown.output
-    assert "failure:  engine: engine exited 3\n            line one\n            line two" in shown.output
+    assert (
+        "failure:  engine: engine exited 3\n            line one\n            line two"
+        in shown.output
+    )
     assert "engine: engine exited 3 (+2 lines)" in shown.output  # the event, on one line
     assert json.loads(as_json.output)["source"] == f"{tmp_path}/case\ufffd"
 
@@ -199,8 +271,19 @@ def test_an_unknown_case_is_one_line_on_stderr_and_exit_1(filled, tmp_path):
     """In a real process: the message, exit code 1, and no traceback."""
     config = write_config(tmp_path, filled)
     result = subprocess.run(
-        [sys.executable, "-c", "from mqi.cli import main; main()", "--config", str(config), "show", "nope"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-c",
+            "from mqi.cli import main; main()",
+            "--config",
+            str(config),
+            "show",
+            "nope",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 1
     assert result.stderr.strip() == "error: no case has the id, uid or folder 'nope'"
@@ -222,7 +305,10 @@ def test_an_unreachable_ledger_is_a_clear_error(tmp_path):
     config = write_config(tmp_path, "postgresql://mqi:CANARY@127.0.0.1:1/mqi?connect_timeout=2")
     result = invoke(config, "status")
     assert result.exit_code == 1
-    assert "cannot open the case ledger at postgresql+psycopg://mqi:***@127.0.0.1:1/mqi" in result.output
+    assert (
+        "cannot open the case ledger at postgresql+psycopg://mqi:***@127.0.0.1:1/mqi"
+        in result.output
+    )
     assert "CANARY" not in result.output
 
 
@@ -245,19 +331,54 @@ def test_ten_thousand_cases_list_in_a_second_and_show_in_a_fifth(tmp_path):
 def _bulk_fill(ledger: Ledger, count: int) -> None:
     ids = range(1, count + 1)
     with ledger.engine.begin() as connection:
-        connection.execute(insert(CaseRow), [
-            dict(uid=f"{i:012d}", source=f"/inbox/case_{i}", name=f"case_{i}", state="completed",
-                 progress=100, created_at=T0, updated_at=T0) for i in ids
-        ])
-        connection.execute(insert(AttemptRow), [
-            dict(case_id=i, number=n, host="gpu1", pueue_group="g0", pueue_task_id=i,
-                 pueue_label=f"l{i}-{n}", remote_dir="/r", submitted_at=T0, result="success")
-            for i in ids for n in (1, 2)
-        ])
-        connection.execute(insert(EventRow), [
-            dict(case_id=i, at=T0, from_state=None, to_state=CaseState.PENDING, actor="scan", message="")
-            for i in ids for _ in range(5)
-        ])
+        connection.execute(
+            insert(CaseRow),
+            [
+                dict(
+                    uid=f"{i:012d}",
+                    source=f"/inbox/case_{i}",
+                    name=f"case_{i}",
+                    state="completed",
+                    progress=100,
+                    created_at=T0,
+                    updated_at=T0,
+                )
+                for i in ids
+            ],
+        )
+        connection.execute(
+            insert(AttemptRow),
+            [
+                dict(
+                    case_id=i,
+                    number=n,
+                    host="gpu1",
+                    pueue_group="g0",
+                    pueue_task_id=i,
+                    pueue_label=f"l{i}-{n}",
+                    remote_dir="/r",
+                    submitted_at=T0,
+                    result="success",
+                )
+                for i in ids
+                for n in (1, 2)
+            ],
+        )
+        connection.execute(
+            insert(EventRow),
+            [
+                dict(
+                    case_id=i,
+                    at=T0,
+                    from_state=None,
+                    to_state=CaseState.PENDING,
+                    actor="scan",
+                    message="",
+                )
+                for i in ids
+                for _ in range(5)
+            ],
+        )
 
 
 def _best_of(runs: int, work) -> float:

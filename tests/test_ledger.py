@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from mqi.errors import MqiError
@@ -131,7 +132,9 @@ def test_list_and_filter_cases_by_state(ledger, tmp_path):
 
     assert [c.id for c in ledger.list_cases()] == [first.id, second.id]
     assert [c.id for c in ledger.list_cases("cancelled")] == [second.id]
-    assert [c.id for c in ledger.cases_in_states([CaseState.PENDING, CaseState.RUNNING])] == [first.id]
+    assert [c.id for c in ledger.cases_in_states([CaseState.PENDING, CaseState.RUNNING])] == [
+        first.id
+    ]
 
 
 # -- state changes and their events --------------------------------------------------
@@ -321,7 +324,9 @@ def test_overview_joins_each_case_to_its_latest_attempt(ledger, tmp_path):
     idle, _ = ledger.register_case(tmp_path / "idle")
     busy, _ = ledger.register_case(tmp_path / "busy")
     for number in range(3):
-        attempt = ledger.start_attempt(busy.id, host=f"h{number}", group="g", label="l", remote_dir="/r")
+        attempt = ledger.start_attempt(
+            busy.id, host=f"h{number}", group="g", label="l", remote_dir="/r"
+        )
         ledger.finish_attempt(attempt.id, AttemptResult.LOST)
 
     by_case = {o.case.id: o.latest_attempt for o in ledger.overview()}
@@ -372,11 +377,12 @@ def test_an_unreachable_server_is_named_without_its_password():
 
 
 def test_sqlite_is_set_up_for_many_writers(tmp_path):
-    from sqlalchemy import text
+    url = f"sqlite:///{tmp_path}/sub/dir/ledger.db"  # missing folders are created
+    with Ledger.open(url) as opened, opened.engine.connect() as connection:
 
-    with Ledger.open(f"sqlite:///{tmp_path}/sub/dir/ledger.db") as opened:
-        with opened.engine.connect() as connection:
-            pragma = lambda name: connection.execute(text(f"PRAGMA {name}")).scalar()  # noqa: E731
-            assert pragma("journal_mode") == "wal"
-            assert pragma("foreign_keys") == 1
-            assert pragma("busy_timeout") >= 10_000
+        def pragma(name: str):
+            return connection.execute(text(f"PRAGMA {name}")).scalar()
+
+        assert pragma("journal_mode") == "wal"
+        assert pragma("foreign_keys") == 1
+        assert pragma("busy_timeout") >= 10_000

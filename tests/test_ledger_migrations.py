@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy import Integer, String, Text, column, inspect, table, text
 
 from mqi.ledger import AttemptResult, CaseState, Ledger, LedgerError
-from alembic.script import ScriptDirectory
-
 from mqi.ledger.migrations import HEAD_REVISION, SCRIPT_LOCATION
 from mqi.ledger.models import Base, FolderPath, UTCDateTime
 
@@ -32,7 +31,10 @@ cases_v1 = table(
 attempts_v1 = table(
     "attempts",
     *(column(name, Integer) for name in ("case_id", "number", "pueue_task_id", "exit_code")),
-    *(column(name, String) for name in ("host", "pueue_group", "pueue_label", "remote_dir", "result")),
+    *(
+        column(name, String)
+        for name in ("host", "pueue_group", "pueue_label", "remote_dir", "result")
+    ),
     column("submitted_at", UTCDateTime()),
     column("ended_at", UTCDateTime()),
 )
@@ -50,25 +52,56 @@ def write_version_1_data(ledger: Ledger) -> None:
         connection.execute(
             cases_v1.insert(),
             [
-                dict(uid="aaaaaaaaaaaa", source="/inbox/old_case", name="old_case",
-                     state="completed", progress=100, created_at=CREATED, updated_at=CREATED),
+                dict(
+                    uid="aaaaaaaaaaaa",
+                    source="/inbox/old_case",
+                    name="old_case",
+                    state="completed",
+                    progress=100,
+                    created_at=CREATED,
+                    updated_at=CREATED,
+                ),
             ],
         )
         connection.execute(
             attempts_v1.insert(),
             [
-                dict(case_id=1, number=1, host="gpu1", pueue_group="g0", pueue_task_id=41,
-                     pueue_label="mqi-aaaaaaaaaaaa-1", remote_dir="/scratch/a", result="success",
-                     exit_code=0, submitted_at=CREATED, ended_at=CREATED),
+                dict(
+                    case_id=1,
+                    number=1,
+                    host="gpu1",
+                    pueue_group="g0",
+                    pueue_task_id=41,
+                    pueue_label="mqi-aaaaaaaaaaaa-1",
+                    remote_dir="/scratch/a",
+                    result="success",
+                    exit_code=0,
+                    submitted_at=CREATED,
+                    ended_at=CREATED,
+                ),
             ],
         )
         connection.execute(
             events_v1.insert(),
             [
-                dict(case_id=1, attempt_id=None, from_state=None, to_state="pending",
-                     actor="scan", message="registered", at=CREATED),
-                dict(case_id=1, attempt_id=1, from_state="downloading", to_state="completed",
-                     actor="flow", message="", at=CREATED),
+                dict(
+                    case_id=1,
+                    attempt_id=None,
+                    from_state=None,
+                    to_state="pending",
+                    actor="scan",
+                    message="registered",
+                    at=CREATED,
+                ),
+                dict(
+                    case_id=1,
+                    attempt_id=1,
+                    from_state="downloading",
+                    to_state="completed",
+                    actor="flow",
+                    message="",
+                    at=CREATED,
+                ),
             ],
         )
 
@@ -83,15 +116,22 @@ def test_an_old_database_is_upgraded_with_its_data_intact(ledger_url):
         assert upgraded.schema_revision() == HEAD_REVISION == "0002"
         case = upgraded.find_case("aaaaaaaaaaaa")
         assert (case.id, case.source, case.state, case.created_at) == (
-            1, "/inbox/old_case", CaseState.COMPLETED, CREATED,
+            1,
+            "/inbox/old_case",
+            CaseState.COMPLETED,
+            CREATED,
         )
         assert (case.pinned_host, case.pinned_group) == (None, None)
         [attempt] = upgraded.attempts(1)
         assert (attempt.host, attempt.group, attempt.task_id, attempt.result) == (
-            "gpu1", "g0", 41, AttemptResult.SUCCESS,
+            "gpu1",
+            "g0",
+            41,
+            AttemptResult.SUCCESS,
         )
         assert [(e.from_state, e.to_state) for e in upgraded.events(1)] == [
-            (None, "pending"), ("downloading", "completed"),
+            (None, "pending"),
+            ("downloading", "completed"),
         ]
         assert upgraded.pin_case(1, "gpu2", "g1").pinned_host == "gpu2"
         # New rows continue after the old ones.

@@ -41,7 +41,9 @@ def test_check_transition_follows_the_table(source, target):
     if target.value in DOCUMENTED[source.value].split():
         check_transition(7, source, target)
     else:
-        with pytest.raises(IllegalTransition, match=f"case 7 cannot move from {source} to {target}"):
+        with pytest.raises(
+            IllegalTransition, match=f"case 7 cannot move from {source} to {target}"
+        ):
             check_transition(7, source, target)
 
 

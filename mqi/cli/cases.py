@@ -187,7 +187,8 @@ def detail_lines(detail: CaseDetail, zone: tzinfo) -> list[str]:
         lines.append(f"  results:  {display_text(case.results_path)}")
     if case.pinned_host:
         lines.append(f"  pinned:   {case.pinned_host}/{case.pinned_group or '*'}")
-    lines.append(f"  created:  {local_text(case.created_at, zone)}   updated: {local_text(case.updated_at, zone)}")
+    created, updated = local_text(case.created_at, zone), local_text(case.updated_at, zone)
+    lines.append(f"  created:  {created}   updated: {updated}")
     lines += ["", f"attempts (times in {zone})", *_attempt_lines(detail.attempts, zone)]
     lines += ["", "events", *_event_lines(detail.events, detail.attempts, zone)]
     return lines
@@ -213,7 +214,9 @@ def _attempt_lines(attempts: list[Attempt], zone: tzinfo) -> list[str]:
         )
         for attempt in attempts
     ]
-    return aligned(("#", "host", "group", "task", "label", "submitted", "ended", "result", "exit"), rows)
+    return aligned(
+        ("#", "host", "group", "task", "label", "submitted", "ended", "result", "exit"), rows
+    )
 
 
 def _event_lines(events: list[Event], attempts: list[Attempt], zone: tzinfo) -> list[str]:
@@ -240,7 +243,9 @@ def open_ledger(*, migrate: bool = True) -> Iterator[Ledger]:
     message on stderr and exit code 1, without a traceback.
     """
     try:
-        with Ledger.open(current_settings().ledger.url.get_secret_value(), migrate=migrate) as ledger:
+        with Ledger.open(
+            current_settings().ledger.url.get_secret_value(), migrate=migrate
+        ) as ledger:
             yield ledger
     except LedgerError as error:
         typer.echo(f"error: {error}", err=True)
@@ -291,4 +296,6 @@ def upgrade() -> None:
     if before == after:
         typer.echo(f"ledger {ledger_settings.display_url()}: already at revision {after}")
     else:
-        typer.echo(f"ledger {ledger_settings.display_url()}: upgraded from {before or 'empty'} to {after}")
+        typer.echo(
+            f"ledger {ledger_settings.display_url()}: upgraded from {before or 'empty'} to {after}"
+        )

@@ -202,7 +202,11 @@ class Ledger:
             )
             session.add(row)
             session.flush()
-            session.add(_event(row.id, now, None, CaseState.PENDING, actor, f"registered {display_text(key)}"))
+            session.add(
+                _event(
+                    row.id, now, None, CaseState.PENDING, actor, f"registered {display_text(key)}"
+                )
+            )
             return Case.from_row(row), True
 
         try:
@@ -260,7 +264,8 @@ class Ledger:
             )
         latest = latest_numbers.group_by(attempts.c.case_id).subquery()
         attempt_query = select(attempts).join(
-            latest, (attempts.c.case_id == latest.c.case_id) & (attempts.c.number == latest.c.number)
+            latest,
+            (attempts.c.case_id == latest.c.case_id) & (attempts.c.number == latest.c.number),
         )
         with self._reading() as session:
             latest_attempts = {
@@ -474,7 +479,10 @@ class Ledger:
         Groups no longer configured stay in the table, marked inactive, because old
         attempts name them. Returns every group, active ones first.
         """
-        wanted = {(host, group): (slots, [str(d) for d in devices]) for host, group, slots, devices in groups}
+        wanted = {
+            (host, group): (slots, [str(d) for d in devices])
+            for host, group, slots, devices in groups
+        }
 
         def store(session: Session) -> list[GpuGroup]:
             now = self._now()

@@ -6,7 +6,9 @@ from mqi.ledger.models import Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:
-    raise RuntimeError("run ledger migrations through mqi.ledger.migrations.upgrade or `mqi db upgrade`")
+    raise RuntimeError(
+        "run ledger migrations through mqi.ledger.migrations.upgrade or `mqi db upgrade`"
+    )
 
 context.configure(
     connection=connection,
