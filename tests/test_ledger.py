@@ -367,6 +367,8 @@ def test_plain_postgresql_urls_use_psycopg_3():
         parse_url("mysql://u:secret@db/x")
     with pytest.raises(LedgerError, match="not a database URL"):
         parse_url("not a url")
+    with pytest.raises(LedgerError, match="in-memory SQLite ledger would lose every case"):
+        Ledger.open("sqlite://")
 
 
 def test_an_unreachable_server_is_named_without_its_password():

@@ -53,7 +53,12 @@ def create_ledger_engine(url: URL) -> Engine:
 
 
 def _sqlite_engine(url: URL) -> Engine:
-    if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
+    if url.database in (None, "", ":memory:"):
+        raise LedgerError(
+            "an in-memory SQLite ledger would lose every case when mqi stops; "
+            "give a file, e.g. sqlite:///./mqi.db"
+        )
+    if not url.database.startswith("file:"):
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url)
 

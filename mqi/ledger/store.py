@@ -309,9 +309,10 @@ class Ledger:
             now = self._now()
             row.state = target
             row.updated_at = now
-            resting = target in (CaseState.FAILED, CaseState.CANCELLED)
-            row.failure_category = category if resting else None
-            row.failure_message = failure_message if resting else None
+            # Only a failed or cancelled case carries a failure; the event keeps old ones.
+            keeps_failure = target in (CaseState.FAILED, CaseState.CANCELLED)
+            row.failure_category = category if keeps_failure else None
+            row.failure_message = failure_message if keeps_failure else None
             if target is CaseState.COMPLETED:
                 row.progress = 100
             elif target is CaseState.PENDING:
