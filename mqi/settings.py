@@ -5,7 +5,8 @@ Order of precedence (highest first): `MQI_*` environment variables (nested keys 
 all the embedded defaults describe a complete local setup: the local transport and queue,
 SQLite in the working folder, an inbox and a results folder beside it.
 
-Relative paths are taken relative to the working folder of the process.
+Relative paths are taken relative to the working folder of the process that reads the
+settings, and made absolute at once.
 """
 
 from __future__ import annotations
@@ -229,6 +230,14 @@ class Settings(BaseSettings):
         if duplicates:
             raise ValueError(f"duplicate host names: {', '.join(duplicates)}")
         return hosts
+
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> Settings:
+        # Resolved once, here: flow runs and detached tasks work in other folders.
+        self.state_dir = self.state_dir.expanduser().resolve()
+        self.results_dir = self.results_dir.expanduser().resolve()
+        self.inbox.path = self.inbox.path.expanduser().resolve()
+        return self
 
     @property
     def tz(self) -> ZoneInfo:

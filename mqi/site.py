@@ -38,7 +38,7 @@ class Site:
     def __init__(self, settings: Settings, ledger: Ledger | None = None):
         self.settings = settings
         self._ledger = ledger
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # queue() builds its transport under it
         self._transports: dict[str, Transport] = {}
         self._queues: dict[str, Queue] = {}
         self._statuses: dict[str, SharedStatus] = {}
@@ -113,7 +113,7 @@ def _make_transport(host: HostSettings) -> Transport:
     from mqi.transport.ssh import shared_ssh_transport
 
     return shared_ssh_transport(
-        host.name,
+        host=host.name,
         hostname=host.hostname,
         port=host.port,
         username=host.username,

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mqi.ledger.store import CaseNotFound
 from mqi.ledger.states import AttemptResult, CaseState, FailureCategory
 from mqi.runtime import use_settings
 from mqi.settings import Settings
@@ -164,8 +165,7 @@ def test_host_outage_while_waiting_does_not_fail_the_case(tmp_path, sshd, fake_p
     result = {}
     runner = threading.Thread(target=lambda: result.setdefault("state", run_case(folder)))
     runner.start()
-    wait_for(lambda: site.ledger.find_case(str(folder)).state in (CaseState.QUEUED, CaseState.RUNNING),
-             what="the case to be submitted")
+    wait_for(lambda: _state(site, folder) in (CaseState.QUEUED, CaseState.RUNNING), what="the case to be submitted")
     sshd.stop()
     sshd.kill_sessions()
     time.sleep(3)
@@ -199,10 +199,17 @@ def test_flow_killed_after_submission_is_resumed_with_one_remote_task(tmp_path, 
     assert len(site.ledger.attempts(case.id)) == 1
 
 
+def _state(site, folder):
+    try:
+        return site.ledger.find_case(str(folder)).state
+    except CaseNotFound:
+        return None
+
+
 def _task_id(site, folder):
     try:
         case = site.ledger.find_case(str(folder))
-    except Exception:
+    except CaseNotFound:
         return None
     attempt = site.ledger.live_attempt(case.id)
     return attempt.task_id if attempt else None
@@ -276,5 +283,6 @@ def test_cancel_kills_the_remote_task(tmp_path, sshd, fake_pueue):
 
 
 def _running(site, folder):
-    case = site.ledger.find_case(str(folder))
-    return case if case.state is CaseState.RUNNING else None
+    if _state(site, folder) is CaseState.RUNNING:
+        return site.ledger.find_case(str(folder))
+    return None

@@ -229,7 +229,7 @@ class LocalQueue(Queue):
         ]
         if problems:
             raise ConfigError(problems)
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # the detached launcher runs in another folder
         self.groups = dict(groups)
         self.host = host
         self._tasks_dir = self.root / "tasks"
