@@ -14,29 +14,33 @@ import typer
 
 from mqi.cli.app import UserError, app, config_file, current_settings
 from mqi.errors import MqiError
+from mqi.prefect_server import configure_prefect_env, use_prefect
 from mqi.settings import Settings
 
 PROCESS_CASE_LIMIT_PER_SLOT = 2  # one run holding each slot plus one waiting for it
 
 
 def prepare_prefect(settings: Settings) -> None:
-    """Point Prefect at the configured server, or at an embedded one kept in state_dir."""
-    home = (settings.state_dir / "prefect").resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PREFECT_HOME", str(home))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # a closed network
-    if settings.prefect.api_url:
-        os.environ["PREFECT_API_URL"] = settings.prefect.api_url
+    """Point Prefect at the configured server, the running embedded one, or an ephemeral one."""
+    os.environ.update(configure_prefect_env(settings))
+    export_config_path()
+
+
+def export_config_path() -> None:
+    """Flow runs in other processes (served runs, workers) read the same settings file."""
     path = config_file() or (Path(os.environ["MQI_CONFIG"]) if os.environ.get("MQI_CONFIG") else None)
-    if path is not None:  # flow runs in other processes read the same settings
+    if path is not None:
         os.environ["MQI_CONFIG"] = str(path.resolve())
 
 
 def start_site(settings: Settings):
+    """Prefect pointed at its server, hosts from saved blocks resolved, GPU limits in place."""
     prepare_prefect(settings)
+    from blocks import resolve_host_blocks
     from mqi.runtime import use_settings
     from tasks.publish import ensure_gpu_limits
 
+    settings = resolve_host_blocks(settings)
     site = use_settings(settings)
     ensure_gpu_limits(settings)
     return site
@@ -112,16 +116,14 @@ def reconcile_command() -> None:
 def run() -> None:
     """The main job: scan the inbox, reconcile, and process cases until stopped (Ctrl-C)."""
     settings = current_settings()
-    prepare_prefect(settings)
-    from mqi.prefect_server import embedded_server
-
-    with embedded_server(settings) as server:
-        if server is not None:
-            typer.echo(f"Prefect UI: {server.ui_url}  (embedded server, data in {settings.state_dir})")
+    export_config_path()
+    with use_prefect(settings, embedded_server=True) as api_url:
+        typer.echo(f"Prefect UI: {api_url.removesuffix('/api')}  (API {api_url})")
         serve_deployments(settings)
 
 
 def serve_deployments(settings: Settings) -> None:
+    """Serve process-case, scan-inbox and reconcile from this process until stopped."""
     from prefect import serve
 
     from flows.process_case import process_case
@@ -129,20 +131,13 @@ def serve_deployments(settings: Settings) -> None:
     from flows.scan_inbox import scan_inbox
     from mqi.casework import total_slots
 
-    start_site(settings)
-    slots = total_slots(_site_for(settings))
+    site = start_site(settings)
     serve(
         process_case.to_deployment(name="process-case"),
         scan_inbox.to_deployment(name="scan-inbox", interval=settings.inbox.scan_seconds),
         reconcile.to_deployment(name="reconcile", interval=max(60.0, settings.case.poll_seconds)),
-        limit=slots * PROCESS_CASE_LIMIT_PER_SLOT + 2,
+        limit=total_slots(site) * PROCESS_CASE_LIMIT_PER_SLOT + 2,
     )
-
-
-def _site_for(settings: Settings):
-    from mqi.runtime import get_site
-
-    return get_site()
 
 
 @app.command()
