@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,30 +96,34 @@ def upload_case(
     deadline = Deadline(timeout)
     local_dir = Path(local_dir)
     entries = _scan_case(local_dir)
-    existing = _remote_manifest(transport, remote_dir, deadline, python)
-    if existing is not None and _same_listing(existing, entries):
-        local = _case_call(local_dir, wire.manifest_of, str(local_dir), entries)
-        if local == existing:
-            return Manifest.from_records(local, reused=True)
-
-    sent: list[dict] = []
+    outcome: dict[str, list[dict]] = {}
 
     def write(stream) -> None:
-        sent.extend(wire.send_tree(str(local_dir), entries, stream))
+        reusable = _reusable(local_dir, entries, asked.result())
+        if reusable is not None:
+            outcome["reused"] = reusable  # send nothing: the receiver leaves the host as is
+        else:
+            outcome["sent"] = wire.send_tree(str(local_dir), entries, stream)
 
-    result = _case_call(
-        local_dir,
-        transport.run_writing,
-        _remote_command(python, "receive", remote_dir),
-        write,
-        timeout=deadline.remaining(),
-    )
+    # What the host already holds is asked while the receiver starts: each remote command
+    # costs a shell start, and this way the upload waits for one, not two.
+    with ThreadPoolExecutor(max_workers=1) as background:
+        asked = background.submit(_remote_manifest, transport, remote_dir, deadline, python)
+        result = _case_call(
+            local_dir,
+            transport.run_writing,
+            _remote_command(python, "receive", remote_dir),
+            write,
+            timeout=deadline.remaining(),
+        )
     arrived = _reply(result, remote_dir)
-    if arrived != sent:
+    if "reused" in outcome:
+        return Manifest.from_records(outcome["reused"], reused=True)
+    if arrived != outcome["sent"]:
         raise TransferVerificationFailed(
             transport.host, f"the manifest of {remote_dir!r} differs from the one sent"
         )
-    return Manifest.from_records(sent)
+    return Manifest.from_records(outcome["sent"])
 
 
 def download_results(
@@ -199,10 +204,18 @@ def _remote_manifest(
     return _reply(result, remote_dir)
 
 
-def _same_listing(records: list[dict], entries: list[wire.Entry]) -> bool:
-    """Whether the paths, types, sizes and modes agree (cheap: no file is read)."""
-    unhashed = [dict(record, sha256="") for record in records]
-    return unhashed == [entry.record() for entry in entries]
+def _reusable(
+    local_dir: Path, entries: list[wire.Entry], existing: list[dict] | None
+) -> list[dict] | None:
+    """The local manifest if the host already holds exactly this folder, else None.
+
+    Files are hashed only when paths, types, sizes and modes already agree."""
+    if existing is None:
+        return None
+    if [dict(record, sha256="") for record in existing] != [entry.record() for entry in entries]:
+        return None
+    local = _case_call(local_dir, wire.manifest_of, str(local_dir), entries)
+    return local if local == existing else None
 
 
 def _receive(stream, staged: str) -> list[dict] | wire.StreamError:

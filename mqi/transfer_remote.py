@@ -409,7 +409,12 @@ def command_manifest(folder):
 
 
 def command_receive(folder):
-    """Extract the stream on stdin into `folder` (replacing it) once it verified."""
+    """Extract the stream on stdin into `folder` (replacing it) once it verified.
+
+    No input at all means the sender found `folder` already complete: nothing changes."""
+    if not sys.stdin.buffer.peek(1):
+        _print_json({"manifest": None})
+        return
     staged = staging_folder(folder)
     try:
         manifest = receive_tree(sys.stdin.buffer, staged)

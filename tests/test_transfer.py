@@ -113,20 +113,32 @@ class Tapped(Transport):
         self.on_write = on_write or (lambda stream: stream)
         self.on_read = on_read or (lambda stream: stream)
         self.before_write = before_write or (lambda: None)
-        self.streams_sent = 0
+        self.bytes_sent = 0
 
     def run(self, argv, *, timeout, stdin=None, cwd=None):
         return self.inner.run(argv, timeout=timeout, stdin=stdin, cwd=cwd)
 
     def run_writing(self, argv, write, *, timeout):
-        self.streams_sent += 1
         self.before_write()
         return self.inner.run_writing(
-            argv, lambda stream: write(self.on_write(stream)), timeout=timeout
+            argv, lambda stream: write(self.on_write(_Counting(stream, self))), timeout=timeout
         )
 
     def run_reading(self, argv, read, *, timeout):
         return self.inner.run_reading(argv, lambda stream: read(self.on_read(stream)), timeout=timeout)
+
+
+class _Counting:
+    def __init__(self, stream, tap: Tapped):
+        self.stream = stream
+        self.tap = tap
+
+    def write(self, data):
+        self.tap.bytes_sent += len(data)
+        return self.stream.write(data)
+
+    def flush(self):
+        self.stream.flush()
 
 
 class Corrupting:
@@ -221,7 +233,7 @@ def test_refused_entries_are_named_and_nothing_is_sent(tmp_path, spoil):
 
     assert expected in str(refused.value)
     assert str(case) in str(refused.value)
-    assert transport.streams_sent == 0
+    assert transport.bytes_sent == 0
     assert not remote.exists()
 
 
@@ -290,7 +302,7 @@ def test_an_upload_already_in_place_is_not_sent_again(each_transport, tmp_path):
     again = upload_case(transport, case, str(remote), timeout=TIMEOUT)
 
     assert again.reused and again == first
-    assert transport.streams_sent == 0
+    assert transport.bytes_sent == 0
     assert (remote.stat().st_ino, (remote / "plan.dcm").stat().st_ino) == before
 
 

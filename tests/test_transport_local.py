@@ -40,7 +40,9 @@ def test_timeout_kills_the_commands_children_too(tmp_path, method):
     assert not _alive(child)
 
 
-def test_an_error_in_the_writer_stops_the_command_and_propagates():
+def test_an_error_in_the_writer_ends_the_input_and_propagates(tmp_path):
+    """As over SSH: the command sees the end of its input (and can clean up)."""
+
     class Refused(Exception):
         pass
 
@@ -48,5 +50,10 @@ def test_an_error_in_the_writer_stops_the_command_and_propagates():
         stream.write(b"partial")
         raise Refused("bad input")
 
+    finished = tmp_path / "finished"
     with pytest.raises(Refused):
-        LocalTransport().run_writing(["sleep", "30"], write, timeout=30)
+        LocalTransport().run_writing(
+            ["sh", "-c", f"cat >/dev/null; touch {finished}"], write, timeout=30
+        )
+
+    assert finished.exists()

@@ -22,6 +22,7 @@ T = TypeVar("T")
 EXIT_NOT_FOUND = 127  # what sh returns for an unknown command
 EXIT_NOT_EXECUTABLE = 126
 EXIT_BAD_CWD = 1  # what `cd DIR && exec ...` returns when DIR is missing
+WRITER_FAILED_GRACE = 5.0  # seconds a command may take to finish after its input broke off
 
 
 class LocalTransport(Transport):
@@ -68,6 +69,12 @@ class LocalTransport(Transport):
                 process.stdin.close()
             except BrokenPipeError:
                 pass  # the command stopped reading: its exit code and stderr say why
+            except Exception:
+                # as over SSH, the command sees its input end and may clean up; it gets a
+                # short grace, not the whole timeout, before its group is killed
+                _close_quietly(process.stdin)
+                _wait_or_kill(process, WRITER_FAILED_GRACE)
+                raise
             except BaseException:
                 _kill_group(process)
                 process.wait()
@@ -181,6 +188,14 @@ def _kill_group(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _wait_or_kill(process: subprocess.Popen, grace: float) -> None:
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        process.wait()
 
 
 def _discard_rest(pipe: BinaryIO) -> None:

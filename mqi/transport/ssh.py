@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import random
-import select
 import shlex
 import socket
 import threading
@@ -45,6 +44,7 @@ T = TypeVar("T")
 CHANNEL_WINDOW = 16 * 1024 * 1024
 CHANNEL_PACKET = 32 * 1024
 READ_CHUNK = 1024 * 1024
+POLL_SLICE = 0.2  # seconds between looks at stderr while waiting for stdout
 #: AES-GCM needs no separate MAC pass, so it is the cheapest cipher paramiko offers.
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 #: sshd refuses more than MaxSessions (default 10) channels on one connection.
@@ -202,21 +202,28 @@ class SshTransport(Transport):
         *,
         keep_stdout: bool = True,
     ) -> CommandResult:
-        """Read what is left of stdout and stderr, then the exit status."""
+        """Read what is left of stdout and stderr, then the exit status.
+
+        Waits in paramiko's blocking recv (a condition variable) in short slices, draining
+        stderr between them; selecting on a channel's fileno() proved to miss wake-ups
+        when several channels are busy at once."""
         stdout: list[bytes] = []
         stderr: list[bytes] = []
         while True:
-            while channel.recv_ready():
-                chunk = channel.recv(READ_CHUNK)
-                if keep_stdout:
-                    stdout.append(chunk)
             while channel.recv_stderr_ready():
                 stderr.append(channel.recv_stderr(READ_CHUNK))
-            if channel.eof_received or channel.closed:
-                break
             if deadline.passed:
                 raise command_timeout(self.host, argv, deadline.timeout)
-            select.select([channel], [], [], deadline.remaining())
+            channel.settimeout(min(deadline.remaining(), POLL_SLICE))
+            try:
+                chunk = channel.recv(READ_CHUNK)
+            except socket.timeout:
+                continue
+            if not chunk:
+                break  # end of output (or of the channel)
+            if keep_stdout:
+                stdout.append(chunk)
+        stderr.extend(iter(lambda: channel.recv_stderr(READ_CHUNK), b""))
         if not channel.status_event.wait(deadline.remaining()):
             self._raise_if_lost(channel, argv)
             raise command_timeout(self.host, argv, deadline.timeout)
