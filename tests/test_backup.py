@@ -147,7 +147,7 @@ def test_cli_backup_prints_revision_and_cases(sqlite_ledger, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["db", "backup", str(tmp_path / "copy.db")])
     assert result.exit_code == 0, result.output
-    assert "schema revision" in result.output and "1 cases" in result.output
+    assert "schema revision" in result.output and "cases: 1," in result.output
     again = CliRunner().invoke(app, ["db", "backup", str(tmp_path / "copy.db")])
     assert again.exit_code == 1
     assert "already exists" in again.output + str(again.exception)

@@ -21,5 +21,5 @@ def backup(
     report = backup_ledger(ledger.url.get_secret_value(), path, force=force)
     typer.echo(
         f"ledger {ledger.display_url()} backed up to {report.path}: schema revision "
-        f"{report.revision}, {report.cases} cases, {report.size_bytes:,} bytes"
+        f"{report.revision}, cases: {report.cases}, {report.size_bytes:,} bytes"
     )
