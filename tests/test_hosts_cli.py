@@ -1,0 +1,205 @@
+"""`mqi hosts` over two real sshd hosts, each with its own pueue stand-in; one host is down."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mqi.cli import app
+from mqi.host_health import host_health, reachable_hosts
+from mqi.host_report import artifact_rows, host_reports
+from mqi.queue.base import SubmitRequest
+from mqi.queue.pueue import PueueQueue
+from mqi.settings import Settings
+from mqi.site import Site
+from mqi.transport.local import LocalTransport
+from tests.support.nvidia_smi import gpu, install_fake_nvidia_smi, process
+from tests.support.pueue_fixtures import FakePueue, install_fake_pueue
+
+GROUPS = [
+    {"name": "gpu0", "slots": 1, "devices": "0"},
+    {"name": "gpu1", "slots": 2, "devices": "1"},  # paused on the host
+    {"name": "gpu9", "slots": 1, "devices": "9"},  # not created on the host
+]
+
+
+@dataclass
+class TwoHosts:
+    hosts: list[dict]  # host entries of the settings: live first, then down
+    down_server: object  # the stopped OpenSshServer
+    ours: subprocess.Popen  # a GPU process started for a case
+    foreign: subprocess.Popen  # somebody else's GPU process
+
+    @property
+    def names(self) -> tuple[str, str]:
+        return self.hosts[0]["name"], self.hosts[1]["name"]
+
+
+def host_entry(name: str, server, pueue: FakePueue, nvidia_smi: Path, workdir: Path) -> dict:
+    return {"name": name, "transport": "ssh", "queue": "pueue", "hostname": server.hostname,
+            "port": server.port, "username": server.username, "key_file": str(server.key_file),
+            "known_hosts": str(server.known_hosts), "pueue": str(pueue.bin),
+            "nvidia_smi": str(nvidia_smi), "workdir": str(workdir), "groups": GROUPS}  # fmt: skip
+
+
+def sleeper(**env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], env={**os.environ, **env})
+
+
+def submit_two_tasks(pueue: FakePueue, workdir: Path) -> None:
+    """gpu0 has one slot on the host: the first task runs, the second waits."""
+    queue = PueueQueue(LocalTransport("setup"), pueue=str(pueue.bin))
+    for n in (1, 2):
+        queue.submit(SubmitRequest(f"mqi-case{n}-a1", "gpu0", str(workdir), "sleep 300"))
+    deadline = time.monotonic() + 20
+    while not any("Running" in task["status"] for task in pueue.status()["tasks"].values()):
+        assert time.monotonic() < deadline, "the first task did not start"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def two_hosts(sshd_factory, tmp_path_factory):
+    root = tmp_path_factory.mktemp("two-hosts")
+    ours, foreign = sleeper(MQI_CASE_UID="case1"), sleeper()
+    smi = install_fake_nvidia_smi(
+        root / "smi",
+        [gpu(0, utilization=35, used=1000), gpu(1, "NVIDIA A100 [PCIe]", utilization="[N/A]", used=20000)],
+        [process(0, ours.pid, "/opt/moqui/bin/moqui", 900), process(1, foreign.pid, "/usr/bin/python3", 19000)],
+    )
+    pueues = [install_fake_pueue(root / f"pueue-{n}", groups={"gpu0": 1, "gpu1": 2}) for n in (1, 2)]
+    servers = [sshd_factory(), sshd_factory()]
+    try:
+        for pueue in pueues:
+            pueue.start_daemon()
+        (root / "work").mkdir()
+        submit_two_tasks(pueues[0], root / "work")
+        pueues[0].pause_group("gpu1")
+        servers[1].stop()
+        suffix = abs(hash(str(root))) % 10**6
+        hosts = [host_entry(f"{kind}-{suffix}", server, pueue, smi.bin, root / "work")
+                 for kind, server, pueue in zip(("live", "down"), servers, pueues)]  # fmt: skip
+        yield TwoHosts(hosts, servers[1], ours, foreign)
+    finally:
+        for pueue in pueues:
+            try:
+                pueue.stop_daemon()
+            finally:
+                pueue.kill_leftover_tasks()
+        for child in (ours, foreign):
+            child.kill()
+            child.wait()
+
+
+def settings_for(tmp_path: Path, hosts: list[dict]) -> Settings:
+    return Settings(state_dir=tmp_path / ".mqi", ledger={"url": f"sqlite:///{tmp_path / 'mqi.db'}"},
+                    hosts=hosts, timezone="UTC")  # fmt: skip
+
+
+def config_file(tmp_path: Path, hosts: list[dict]) -> Path:
+    path = tmp_path / "mqi.yaml"
+    path.write_text(yaml.safe_dump({"state_dir": str(tmp_path / ".mqi"), "timezone": "UTC",
+                                    "ledger": {"url": f"sqlite:///{tmp_path / 'mqi.db'}"}, "hosts": hosts}))  # fmt: skip
+    return path
+
+
+def check_live_host(report: dict, two_hosts: TwoHosts) -> None:
+    assert report["reachable"] is True and report["reason"] is None
+    assert report["queue"] == "pueue 4.0.4" and report["queue_problem"] is None
+    assert [(g["name"], g["slots"], g["on_host"], g["running"], g["queued"]) for g in report["groups"]] == [
+        ("gpu0", 1, "ok", 1, 1), ("gpu1", 2, "paused", 0, 0), ("gpu9", 1, "missing", 0, 0)]
+    gpu0, gpu1 = report["gpus"]
+    assert (gpu0["index"], gpu0["utilization_percent"], gpu0["memory_used_mib"], gpu0["memory_total_mib"]) == (0, 35, 1000, 40960)
+    assert gpu0["foreign_processes"] == []  # the process of our case is not foreign
+    assert (gpu1["name"], gpu1["utilization_percent"]) == ("NVIDIA A100 [PCIe]", None)
+    assert gpu1["foreign_processes"] == [{"pid": two_hosts.foreign.pid, "name": "/usr/bin/python3", "used_memory_mib": 19000}]
+    assert report["gpu_problem"] is None
+    assert report["health"]["reachable"] is True
+
+
+def test_json_report_returns_promptly_although_a_host_is_down(two_hosts, tmp_path):
+    config = config_file(tmp_path, two_hosts.hosts)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "mqi.cli", "--config", str(config), "hosts", "--json", "--timeout", "3"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+
+    # the down host retries its connection for longer than 3 s; the command does not wait for it
+    assert elapsed < 3 + 5, f"took {elapsed:.1f} s"
+    assert result.returncode == 1, result.stderr  # a host did not answer
+    live, down = json.loads(result.stdout)
+    assert (live["host"], down["host"]) == two_hosts.names
+    check_live_host(live, two_hosts)
+    assert down["reachable"] is False and down["reason"] == "no answer within 3 s"
+    assert [g["on_host"] for g in down["groups"]] == [None, None, None]
+    assert down["gpus"] == []
+
+
+def test_a_down_host_is_reported_with_its_reason_marked_and_skipped_until_it_recovers(two_hosts, tmp_path):
+    settings = settings_for(tmp_path, two_hosts.hosts)
+    live_name, down_name = two_hosts.names
+    site = Site(settings)
+    try:
+        live, down = host_reports(site, timeout=30)
+        assert live.reachable and not down.reachable
+        port = two_hosts.hosts[1]["port"]
+        assert f"cannot connect to 127.0.0.1:{port}" in down.reason
+
+        health = host_health(settings.state_dir, down_name)
+        assert (health.reachable, health.reason) == (False, down.reason)
+        assert reachable_hosts(settings.state_dir, [live_name, down_name]) == {live_name}
+
+        after_back_off = health.next_check() + timedelta(seconds=1)
+        assert reachable_hosts(settings.state_dir, [down_name], now=after_back_off) == {down_name}
+        two_hosts.down_server.start()
+        _, recovered = host_reports(site, timeout=30)
+    finally:
+        site.close()
+        two_hosts.down_server.stop()
+    assert recovered.reachable and recovered.queue == "pueue 4.0.4"
+    assert [(g.name, g.on_host) for g in recovered.groups] == [("gpu0", "ok"), ("gpu1", "ok"), ("gpu9", "missing")]
+    assert host_health(settings.state_dir, down_name).reachable is True
+    assert reachable_hosts(settings.state_dir, [live_name, down_name]) == {live_name, down_name}
+
+
+def test_tables_and_artifact_rows(two_hosts, tmp_path):
+    live_only = two_hosts.hosts[:1]
+    result = CliRunner().invoke(app, ["--config", str(config_file(tmp_path, live_only)), "hosts"],
+                                env={"COLUMNS": "200"})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    text = result.output
+    for expected in ("pueue 4.0.4", "reachable", "paused", "missing", "NVIDIA A100 [PCIe]", "35% 1000/40960 MiB",
+                     f"/usr/bin/python3 (pid {two_hosts.foreign.pid})"):  # fmt: skip
+        assert expected in text, expected
+
+    site = Site(settings_for(tmp_path, live_only))
+    try:
+        rows = artifact_rows(host_reports(site, timeout=30))
+    finally:
+        site.close()
+    assert [(r["group"], r["on host"], r["running"], r["queued"]) for r in rows] == [
+        ("gpu0", "ok", 1, 1), ("gpu1", "paused", 0, 0), ("gpu9", "missing", 0, 0)]
+    assert rows[0]["gpus"] == "0: 35% 1000/40960 MiB" and rows[0]["foreign processes"] == ""
+    assert rows[1]["foreign processes"] == f"/usr/bin/python3 (pid {two_hosts.foreign.pid})"
+    assert rows[2]["gpus"] == ""
+
+
+def test_a_local_host_without_nvidia_smi(tmp_path):
+    host = {"name": "local", "transport": "local", "queue": "local", "workdir": str(tmp_path / "work"),
+            "nvidia_smi": str(tmp_path / "missing" / "nvidia-smi")}  # fmt: skip
+    site = Site(settings_for(tmp_path, [host]))
+    [report] = host_reports(site, timeout=30)
+    assert report.reachable and report.queue == "local queue"
+    assert [(g.name, g.on_host, g.running) for g in report.groups] == [("default", "ok", 0)]
+    assert report.gpus == () and report.gpu_problem.startswith("nvidia-smi not available")
