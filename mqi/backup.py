@@ -85,6 +85,7 @@ def _staged(destination: Path) -> Iterator[Path]:
     handle, staging = tempfile.mkstemp(
         prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent
     )
+    os.fchmod(handle, BACKUP_MODE)  # mkstemp's default too; said here because it matters
     os.close(handle)
     staging_path = Path(staging)
     try:
