@@ -7,7 +7,8 @@ would fight over its cases. So `mqi run` holds two kernel-managed locks while it
   scanner ignores dot-files);
 - the ledger: for SQLite, an `flock` on `<database>.mqi-run.lock` beside the database file;
   for PostgreSQL, a session-level advisory lock held by a connection of its own, keyed by the
-  ledger's schema (several ledgers may share one database in different schemas).
+  ledger's schema (several ledgers may share one database in different schemas). A restart
+  of PostgreSQL ends that session and so the lock; `mqi run` is then restarted to regain it.
 
 The kernel (or PostgreSQL, when the connection drops) releases these locks when the holder
 dies, even by SIGKILL: a lock file left behind never blocks a new start. The lock files are
