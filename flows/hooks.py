@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import logging
-
 from mqi import casework
 from mqi.ledger.states import FINISHED_STATES
 from mqi.runtime import get_site
 
-log = logging.getLogger(__name__)
+# What Prefect's runner says when it cancels its runs because it is being stopped.
+RUNNER_SHUTDOWN = "Runner is shutting down"
 
 
 def cancel_remote_task(flow, flow_run, state) -> None:
     """Cancelling the flow run in the UI kills the remote task and records `cancelled`."""
+    if state.message and RUNNER_SHUTDOWN in state.message:
+        return  # `mqi run` stopping is not a cancellation: reconcile resumes the case later
     site = get_site()
     ref = str(flow_run.parameters.get("case", ""))
     actor = f"flow-run/{flow_run.id}"

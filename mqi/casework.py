@@ -100,6 +100,9 @@ def upload(site: Site, case: Case, placement: Placement, actor: str) -> None:
 
 def submit(site: Site, case: Case, placement: Placement, actor: str, flow_run_id: str | None = None) -> Attempt:
     """Add the pueue task (adopting one with the same label) and record it."""
+    live = site.ledger.live_attempt(case.id)
+    if live is not None:  # a retried step: the attempt exists, its task is found by label
+        return add_task(site, case, live, placement, actor)
     number = len(site.ledger.attempts(case.id)) + 1
     label = attempt_label(case, number)
     remote_dir = site.remote_case_dir(placement.host, case.uid)

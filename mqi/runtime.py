@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 
+from mqi.logfile import setup_main_job_logging
 from mqi.settings import Settings, load_settings
 from mqi.site import Site
 
@@ -18,8 +19,10 @@ _lock = threading.Lock()
 def get_site() -> Site:
     global _site
     with _lock:
-        if _site is None:
-            _site = Site(load_settings())
+        if _site is None:  # a flow run in a process of its own (served by `mqi run`, a worker)
+            settings = load_settings()
+            setup_main_job_logging(settings)
+            _site = Site(settings)
         return _site
 
 

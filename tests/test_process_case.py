@@ -182,7 +182,7 @@ def test_flow_killed_after_submission_is_resumed_with_one_remote_task(tmp_path, 
     site = start(settings)
     folder = make_case(tmp_path, "crash-case")
     child = subprocess.Popen([sys.executable, "-m", "mqi.cli", "--config", str(config), "submit", str(folder)],
-                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "child.log", "wb"),
                              start_new_session=True)
     try:
         wait_for(lambda: _task_id(site, folder), timeout=60, what="the task to be submitted")
@@ -212,7 +212,7 @@ def _task_id(site, folder):
     except CaseNotFound:
         return None
     attempt = site.ledger.live_attempt(case.id)
-    return attempt.task_id if attempt else None
+    return attempt is not None and attempt.task_id is not None  # pueue ids start at 0
 
 
 def test_two_single_slot_groups_never_run_more_than_two(tmp_path, sshd, fake_pueue):

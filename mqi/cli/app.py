@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -16,7 +15,7 @@ from mqi.errors import ConfigError, MqiError
 from mqi.settings import Settings, load_settings
 
 
-class UserError(click.ClickException):
+class UserError(MqiError):
     """A mistake or condition the user can act on: one message, no traceback."""
 
     def __init__(self, message: str, exit_code: int = 1):
@@ -25,13 +24,15 @@ class UserError(click.ClickException):
 
 
 class _UserErrorGroup(TyperGroup):
-    def invoke(self, ctx: click.Context):
+    """Shows our errors as one line on stderr with their exit code (2: bad settings)."""
+
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except ConfigError as exc:
-            raise UserError(str(exc), exit_code=2) from None
         except MqiError as exc:
-            raise UserError(str(exc)) from None
+            code = getattr(exc, "exit_code", 2 if isinstance(exc, ConfigError) else 1)
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code) from None
 
 
 app = typer.Typer(

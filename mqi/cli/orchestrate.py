@@ -14,6 +14,8 @@ import typer
 
 from mqi.cli.app import UserError, app, config_file, current_settings
 from mqi.errors import MqiError
+from mqi.instance_lock import hold_run_locks
+from mqi.logfile import setup_main_job_logging
 from mqi.prefect_server import configure_prefect_env, use_prefect
 from mqi.settings import Settings
 
@@ -117,8 +119,11 @@ def run() -> None:
     """The main job: scan the inbox, reconcile, and process cases until stopped (Ctrl-C)."""
     settings = current_settings()
     export_config_path()
-    with use_prefect(settings, embedded_server=True) as api_url:
+    # The lock first: a second `mqi run` is told who holds the inbox, not a port clash.
+    with hold_run_locks(settings), use_prefect(settings, embedded_server=True) as api_url:
+        log_file = setup_main_job_logging(settings)  # after use_prefect: Prefect's env is set
         typer.echo(f"Prefect UI: {api_url.removesuffix('/api')}  (API {api_url})")
+        typer.echo(f"log file: {log_file}")
         serve_deployments(settings)
 
 
