@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from mqi.timefmt import utc_now
@@ -28,7 +28,10 @@ GPU_FIELDS = ("index", "uuid", "name", "utilization.gpu", "memory.used", "memory
 PROCESS_FIELDS = ("gpu_uuid", "pid", "process_name", "used_memory")
 CSV_FORMAT = "--format=csv,noheader,nounits"
 OUR_PROCESS_MARKER = "MQI_CASE_UID"
-_NOT_FOUND_CODES = {126, 127}  # what the remote shell returns for a missing or non-executable program
+_NOT_FOUND_CODES = {
+    126,
+    127,
+}  # what the remote shell returns for a missing or non-executable program
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class GpuProcess:
     pid: int | None
     name: str
     used_memory_mib: int | None
+    ours: bool = False  # started for one of our cases
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,9 @@ class GpuReport:
     problem: str | None = None
     checked_at: datetime = field(default_factory=utc_now)
 
-    def processes_on(self, gpu: Gpu) -> tuple[GpuProcess, ...]:
-        return tuple(p for p in self.processes if p.gpu_uuid == gpu.uuid)
+    def foreign_on(self, gpu: Gpu) -> tuple[GpuProcess, ...]:
+        """The compute processes on `gpu` that are not ours."""
+        return tuple(p for p in self.processes if p.gpu_uuid == gpu.uuid and not p.ours)
 
 
 class NvidiaSmiOutputError(ValueError):
@@ -134,11 +139,18 @@ def query_gpus(transport: Transport, timeout: float, nvidia_smi: str = "nvidia-s
     if process_result.exit_code != 0:
         return GpuReport(transport.host, problem=_failure_text(nvidia_smi, process_result))
     try:
-        return GpuReport(
-            transport.host, parse_gpus(gpu_result.out), parse_processes(process_result.out)
-        )
+        gpus, processes = parse_gpus(gpu_result.out), parse_processes(process_result.out)
     except NvidiaSmiOutputError as error:
         return GpuReport(transport.host, problem=f"unexpected nvidia-smi output: {error}")
+    ours = our_pids(transport, [p.pid for p in processes if p.pid is not None], timeout)
+    return GpuReport(transport.host, gpus, tuple(replace(p, ours=p.pid in ours) for p in processes))
+
+
+def cached_gpu_report(
+    cache: GpuCache, transport: Transport, nvidia_smi: str, timeout: float
+) -> GpuReport:
+    """The host's report, queried at most once per the cache's interval (for placement)."""
+    return cache.get(transport.host, lambda: query_gpus(transport, timeout, nvidia_smi))
 
 
 def _run(transport: Transport, nvidia_smi: str, query: str, timeout: float) -> CommandResult:
@@ -163,7 +175,9 @@ def our_pids(transport: Transport, pids: Iterable[int], timeout: float) -> set[i
         'for pid; do tr "\\0" "\\n" < "/proc/$pid/environ" 2>/dev/null'
         f' | grep -q "^{OUR_PROCESS_MARKER}=" && echo "$pid"; done; exit 0'
     )
-    result = transport.run(["sh", "-c", script, "mqi-gpu-owners", *map(str, wanted)], timeout=timeout)
+    result = transport.run(
+        ["sh", "-c", script, "mqi-gpu-owners", *map(str, wanted)], timeout=timeout
+    )
     return {int(line) for line in result.check().out.split() if line.isdigit()}
 
 
@@ -189,11 +203,14 @@ def in_devices(gpu: Gpu, devices: str | None) -> bool:
 def foreign_processes(
     report: GpuReport, devices: str | None, our_pids: Iterable[int] = ()
 ) -> tuple[GpuProcess, ...]:
-    """Compute processes on the group's GPUs that are not ours: empty means the GPUs are free
-    of other people's work (or the report has no GPU data to tell)."""
+    """Compute processes on the group's GPUs that are not ours (neither marked `ours` by the
+    query nor in `our_pids`): empty means the GPUs are free of other people's work, or the
+    report has no GPU data to tell."""
     ours = set(our_pids)
     uuids = {gpu.uuid for gpu in report.gpus if in_devices(gpu, devices)}
-    return tuple(p for p in report.processes if p.gpu_uuid in uuids and p.pid not in ours)
+    return tuple(
+        p for p in report.processes if p.gpu_uuid in uuids and not p.ours and p.pid not in ours
+    )
 
 
 # -- once per poll interval ---------------------------------------------------------------

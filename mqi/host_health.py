@@ -26,7 +26,12 @@ from pathlib import Path
 
 from mqi.queue.local import write_json_atomic
 from mqi.timefmt import utc_now
-from mqi.transport.base import AuthenticationFailed, HostKeyRejected, HostUnreachable, TransportError
+from mqi.transport.base import (
+    AuthenticationFailed,
+    HostKeyRejected,
+    HostUnreachable,
+    TransportError,
+)
 
 log = logging.getLogger(__name__)
 

@@ -12,18 +12,21 @@ What the check finds about reachability is recorded in the host health files
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
 from datetime import tzinfo
 from typing import Any
 
-from mqi.gpu import Gpu, GpuProcess, GpuReport, in_devices, our_pids, query_gpus
+from mqi.gpu import Gpu, GpuProcess, in_devices, query_gpus
 from mqi.host_health import HostHealth, host_health, record_host_ok, record_transport_error
 from mqi.queue.base import QueueError, QueueSnapshot, TaskState
 from mqi.settings import HostSettings
 from mqi.site import Site
 from mqi.transport.base import TransportError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 15.0
 LOCAL_QUEUE = "local queue"
@@ -71,7 +74,8 @@ def host_reports(site: Site, timeout: float = DEFAULT_TIMEOUT) -> list[HostRepor
     threads = []
     for host in site.settings.hosts:
         thread = threading.Thread(
-            target=lambda host=host: reports.__setitem__(host.name, check_host(site, host, timeout)),
+            target=_check_into,
+            args=(reports, site, host, timeout),
             name=f"mqi-hosts-{host.name}",
             daemon=True,
         )
@@ -81,8 +85,22 @@ def host_reports(site: Site, timeout: float = DEFAULT_TIMEOUT) -> list[HostRepor
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
     return [
-        reports.get(host.name) or _no_answer(site, host, timeout) for host in site.settings.hosts
+        reports.get(host.name)
+        or _unanswered(site, host, f"no answer within {timeout:g} s", timeout)
+        for host in site.settings.hosts
     ]
+
+
+def _check_into(
+    reports: dict[str, HostReport], site: Site, host: HostSettings, timeout: float
+) -> None:
+    started = time.monotonic()
+    try:
+        reports[host.name] = check_host(site, host, timeout)
+    except Exception as error:  # a surprise on one host must not hide the others
+        log.exception("checking host %s failed", host.name)
+        reason = f"check failed: {type(error).__name__}: {error}"
+        reports[host.name] = _unanswered(site, host, reason, time.monotonic() - started)
 
 
 def check_host(site: Site, host: HostSettings, timeout: float) -> HostReport:
@@ -93,18 +111,9 @@ def check_host(site: Site, host: HostSettings, timeout: float) -> HostReport:
     try:
         queue, snapshot, queue_problem = _queue_state(site, host, command_timeout)
         gpu_report = query_gpus(site.transport(host.name), command_timeout, host.nvidia_smi)
-        gpu_lines = _gpu_lines(site, host, gpu_report, command_timeout)
     except TransportError as error:
-        health = record_transport_error(state_dir, error) or host_health(state_dir, host.name)
-        return HostReport(
-            host.name,
-            address(host),
-            reachable=False,
-            reason=str(error),
-            groups=group_reports(host, None),
-            health=health,
-            seconds=time.monotonic() - started,
-        )
+        record_transport_error(state_dir, error)
+        return _unanswered(site, host, str(error), time.monotonic() - started)
     return HostReport(
         host.name,
         address(host),
@@ -112,7 +121,7 @@ def check_host(site: Site, host: HostSettings, timeout: float) -> HostReport:
         queue=queue,
         queue_problem=queue_problem,
         groups=group_reports(host, snapshot),
-        gpus=gpu_lines,
+        gpus=tuple(GpuLine(gpu, gpu_report.foreign_on(gpu)) for gpu in gpu_report.gpus),
         gpu_problem=gpu_report.problem,
         health=record_host_ok(state_dir, host.name),
         seconds=time.monotonic() - started,
@@ -159,30 +168,21 @@ def group_reports(host: HostSettings, snapshot: QueueSnapshot | None) -> tuple[G
         tasks = [t for t in snapshot.tasks.values() if t.group == group.name]
         running = sum(t.state in RUNNING_STATES for t in tasks)
         queued = sum(t.state in WAITING_STATES for t in tasks)
-        reports.append(GroupReport(group.name, group.slots, group.devices, on_host, running, queued))
+        reports.append(
+            GroupReport(group.name, group.slots, group.devices, on_host, running, queued)
+        )
     return tuple(reports)
 
 
-def _gpu_lines(
-    site: Site, host: HostSettings, report: GpuReport, timeout: float
-) -> tuple[GpuLine, ...]:
-    pids = [p.pid for p in report.processes if p.pid is not None]
-    ours = our_pids(site.transport(host.name), pids, timeout)
-    return tuple(
-        GpuLine(gpu, tuple(p for p in report.processes_on(gpu) if p.pid not in ours))
-        for gpu in report.gpus
-    )
-
-
-def _no_answer(site: Site, host: HostSettings, timeout: float) -> HostReport:
+def _unanswered(site: Site, host: HostSettings, reason: str, seconds: float) -> HostReport:
     return HostReport(
         host.name,
         address(host),
         reachable=False,
-        reason=f"no answer within {timeout:g} s",
+        reason=reason,
         groups=group_reports(host, None),
         health=host_health(site.settings.state_dir, host.name),
-        seconds=timeout,
+        seconds=seconds,
     )
 
 
@@ -290,8 +290,9 @@ def artifact_rows(reports: list[HostReport]) -> list[dict[str, Any]]:
                     "gpus": "; ".join(f"{line.gpu.index}: {gpu_text(line.gpu)}" for line in gpus)
                     or report.gpu_problem
                     or "",
-                    "foreign processes": "; ".join(foreign_text(line) for line in gpus if line.foreign),
+                    "foreign processes": "; ".join(
+                        foreign_text(line) for line in gpus if line.foreign
+                    ),
                 }
             )
     return rows
-

@@ -39,7 +39,12 @@ def test_a_failed_host_is_marked_down_with_its_reason_and_skipped(tmp_path):
 
     health = host_health(tmp_path, "gpu-b")
     assert health == marked
-    assert (health.reachable, health.reason, health.since, health.last_checked) == (False, REFUSED, at(0), at(0))
+    assert (health.reachable, health.reason, health.since, health.last_checked) == (
+        False,
+        REFUSED,
+        at(0),
+        at(0),
+    )
     assert health.since.tzinfo is UTC or health.since.utcoffset() == timedelta(0)
     assert reachable_hosts(tmp_path, ["gpu-a", "gpu-b", "gpu-c"], now=at(5)) == {"gpu-a", "gpu-c"}
 
@@ -48,11 +53,18 @@ def test_a_down_host_is_retried_after_the_back_off_and_comes_back(tmp_path):
     policy = RecheckPolicy(first_seconds=30, max_seconds=600)
     record_host_failure(tmp_path, "gpu-b", REFUSED, transient=True, now=at(0))
     assert "gpu-b" not in reachable_hosts(tmp_path, ["gpu-b"], now=at(29), policy=policy)
-    assert "gpu-b" in reachable_hosts(tmp_path, ["gpu-b"], now=at(30), policy=policy)  # due for a try
+    assert "gpu-b" in reachable_hosts(
+        tmp_path, ["gpu-b"], now=at(30), policy=policy
+    )  # due for a try
 
     record_host_ok(tmp_path, "gpu-b", now=at(31))  # the try succeeded
     health = host_health(tmp_path, "gpu-b")
-    assert (health.reachable, health.reason, health.since, health.failures) == (True, None, at(31), 0)
+    assert (health.reachable, health.reason, health.since, health.failures) == (
+        True,
+        None,
+        at(31),
+        0,
+    )
     assert reachable_hosts(tmp_path, ["gpu-b"], now=at(32), policy=policy) == {"gpu-b"}
 
 
@@ -61,7 +73,9 @@ def test_the_back_off_doubles_with_each_failed_try_up_to_a_ceiling(tmp_path):
     now = 0.0
     intervals = []
     for _ in range(4):
-        health = record_host_failure(tmp_path, "gpu-b", REFUSED, transient=True, now=at(now), policy=policy)
+        health = record_host_failure(
+            tmp_path, "gpu-b", REFUSED, transient=True, now=at(now), policy=policy
+        )
         intervals.append((health.next_check(policy) - at(now)).total_seconds())
         now = (health.next_check(policy) - T0).total_seconds()
     assert intervals == [30, 60, 100, 100]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -23,7 +22,13 @@ from mqi.queue.pueue import PueueQueue
 from mqi.settings import Settings
 from mqi.site import Site
 from mqi.transport.local import LocalTransport
-from tests.support.nvidia_smi import gpu, install_fake_nvidia_smi, process
+from tests.support.nvidia_smi import (
+    gpu,
+    install_fake_nvidia_smi,
+    process,
+    start_compute_process,
+    stop_processes,
+)
 from tests.support.pueue_fixtures import FakePueue, install_fake_pueue
 
 GROUPS = [
@@ -52,10 +57,6 @@ def host_entry(name: str, server, pueue: FakePueue, nvidia_smi: Path, workdir: P
             "nvidia_smi": str(nvidia_smi), "workdir": str(workdir), "groups": GROUPS}  # fmt: skip
 
 
-def sleeper(**env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], env={**os.environ, **env})
-
-
 def submit_two_tasks(pueue: FakePueue, workdir: Path) -> None:
     """gpu0 has one slot on the host: the first task runs, the second waits."""
     queue = PueueQueue(LocalTransport("setup"), pueue=str(pueue.bin))
@@ -70,13 +71,21 @@ def submit_two_tasks(pueue: FakePueue, workdir: Path) -> None:
 @pytest.fixture(scope="module")
 def two_hosts(sshd_factory, tmp_path_factory):
     root = tmp_path_factory.mktemp("two-hosts")
-    ours, foreign = sleeper(MQI_CASE_UID="case1"), sleeper()
+    ours, foreign = start_compute_process(ours=True), start_compute_process(ours=False)
     smi = install_fake_nvidia_smi(
         root / "smi",
-        [gpu(0, utilization=35, used=1000), gpu(1, "NVIDIA A100 [PCIe]", utilization="[N/A]", used=20000)],
-        [process(0, ours.pid, "/opt/moqui/bin/moqui", 900), process(1, foreign.pid, "/usr/bin/python3", 19000)],
+        [
+            gpu(0, utilization=35, used=1000),
+            gpu(1, "NVIDIA A100 [PCIe]", utilization="[N/A]", used=20000),
+        ],
+        [
+            process(0, ours.pid, "/opt/moqui/bin/moqui", 900),
+            process(1, foreign.pid, "/usr/bin/python3", 19000),
+        ],
     )
-    pueues = [install_fake_pueue(root / f"pueue-{n}", groups={"gpu0": 1, "gpu1": 2}) for n in (1, 2)]
+    pueues = [
+        install_fake_pueue(root / f"pueue-{n}", groups={"gpu0": 1, "gpu1": 2}) for n in (1, 2)
+    ]
     servers = [sshd_factory(), sshd_factory()]
     try:
         for pueue in pueues:
@@ -85,9 +94,10 @@ def two_hosts(sshd_factory, tmp_path_factory):
         submit_two_tasks(pueues[0], root / "work")
         pueues[0].pause_group("gpu1")
         servers[1].stop()
-        suffix = abs(hash(str(root))) % 10**6
-        hosts = [host_entry(f"{kind}-{suffix}", server, pueue, smi.bin, root / "work")
-                 for kind, server, pueue in zip(("live", "down"), servers, pueues)]  # fmt: skip
+        hosts = [
+            host_entry(name, server, pueue, smi.bin, root / "work")
+            for name, server, pueue in zip(("live", "down"), servers, pueues, strict=True)
+        ]
         yield TwoHosts(hosts, servers[1], ours, foreign)
     finally:
         for pueue in pueues:
@@ -95,33 +105,47 @@ def two_hosts(sshd_factory, tmp_path_factory):
                 pueue.stop_daemon()
             finally:
                 pueue.kill_leftover_tasks()
-        for child in (ours, foreign):
-            child.kill()
-            child.wait()
+        stop_processes(ours, foreign)
+
+
+def settings_data(tmp_path: Path, hosts: list[dict]) -> dict:
+    ledger = {"url": f"sqlite:///{tmp_path / 'mqi.db'}"}
+    return {
+        "state_dir": str(tmp_path / ".mqi"),
+        "timezone": "UTC",
+        "ledger": ledger,
+        "hosts": hosts,
+    }
 
 
 def settings_for(tmp_path: Path, hosts: list[dict]) -> Settings:
-    return Settings(state_dir=tmp_path / ".mqi", ledger={"url": f"sqlite:///{tmp_path / 'mqi.db'}"},
-                    hosts=hosts, timezone="UTC")  # fmt: skip
+    return Settings(**settings_data(tmp_path, hosts))
 
 
 def config_file(tmp_path: Path, hosts: list[dict]) -> Path:
     path = tmp_path / "mqi.yaml"
-    path.write_text(yaml.safe_dump({"state_dir": str(tmp_path / ".mqi"), "timezone": "UTC",
-                                    "ledger": {"url": f"sqlite:///{tmp_path / 'mqi.db'}"}, "hosts": hosts}))  # fmt: skip
+    path.write_text(yaml.safe_dump(settings_data(tmp_path, hosts)))
     return path
 
 
 def check_live_host(report: dict, two_hosts: TwoHosts) -> None:
     assert report["reachable"] is True and report["reason"] is None
     assert report["queue"] == "pueue 4.0.4" and report["queue_problem"] is None
-    assert [(g["name"], g["slots"], g["on_host"], g["running"], g["queued"]) for g in report["groups"]] == [
-        ("gpu0", 1, "ok", 1, 1), ("gpu1", 2, "paused", 0, 0), ("gpu9", 1, "missing", 0, 0)]
+    assert [
+        (g["name"], g["slots"], g["on_host"], g["running"], g["queued"]) for g in report["groups"]
+    ] == [("gpu0", 1, "ok", 1, 1), ("gpu1", 2, "paused", 0, 0), ("gpu9", 1, "missing", 0, 0)]
     gpu0, gpu1 = report["gpus"]
-    assert (gpu0["index"], gpu0["utilization_percent"], gpu0["memory_used_mib"], gpu0["memory_total_mib"]) == (0, 35, 1000, 40960)
+    assert (
+        gpu0["index"],
+        gpu0["utilization_percent"],
+        gpu0["memory_used_mib"],
+        gpu0["memory_total_mib"],
+    ) == (0, 35, 1000, 40960)
     assert gpu0["foreign_processes"] == []  # the process of our case is not foreign
     assert (gpu1["name"], gpu1["utilization_percent"]) == ("NVIDIA A100 [PCIe]", None)
-    assert gpu1["foreign_processes"] == [{"pid": two_hosts.foreign.pid, "name": "/usr/bin/python3", "used_memory_mib": 19000}]
+    assert gpu1["foreign_processes"] == [
+        {"pid": two_hosts.foreign.pid, "name": "/usr/bin/python3", "used_memory_mib": 19000}
+    ]
     assert report["gpu_problem"] is None
     assert report["health"]["reachable"] is True
 
@@ -146,7 +170,9 @@ def test_json_report_returns_promptly_although_a_host_is_down(two_hosts, tmp_pat
     assert down["gpus"] == []
 
 
-def test_a_down_host_is_reported_with_its_reason_marked_and_skipped_until_it_recovers(two_hosts, tmp_path):
+def test_a_down_host_is_reported_with_its_reason_marked_and_skipped_until_it_recovers(
+    two_hosts, tmp_path
+):
     settings = settings_for(tmp_path, two_hosts.hosts)
     live_name, down_name = two_hosts.names
     site = Site(settings)
@@ -168,20 +194,30 @@ def test_a_down_host_is_reported_with_its_reason_marked_and_skipped_until_it_rec
         site.close()
         two_hosts.down_server.stop()
     assert recovered.reachable and recovered.queue == "pueue 4.0.4"
-    assert [(g.name, g.on_host) for g in recovered.groups] == [("gpu0", "ok"), ("gpu1", "ok"), ("gpu9", "missing")]
+    assert [(g.name, g.on_host) for g in recovered.groups] == [
+        ("gpu0", "ok"),
+        ("gpu1", "ok"),
+        ("gpu9", "missing"),
+    ]
     assert host_health(settings.state_dir, down_name).reachable is True
     assert reachable_hosts(settings.state_dir, [live_name, down_name]) == {live_name, down_name}
 
 
 def test_tables_and_artifact_rows(two_hosts, tmp_path):
     live_only = two_hosts.hosts[:1]
-    result = CliRunner().invoke(app, ["--config", str(config_file(tmp_path, live_only)), "hosts"],
-                                env={"COLUMNS": "200"})  # fmt: skip
+    config = config_file(tmp_path, live_only)
+    result = CliRunner().invoke(app, ["--config", str(config), "hosts"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    text = result.output
-    for expected in ("pueue 4.0.4", "reachable", "paused", "missing", "NVIDIA A100 [PCIe]", "35% 1000/40960 MiB",
-                     f"/usr/bin/python3 (pid {two_hosts.foreign.pid})"):  # fmt: skip
-        assert expected in text, expected
+    for expected in (
+        "pueue 4.0.4",
+        "reachable",
+        "paused",
+        "missing",
+        "NVIDIA A100 [PCIe]",
+        "35% 1000/40960 MiB",
+        f"/usr/bin/python3 (pid {two_hosts.foreign.pid})",
+    ):
+        assert expected in result.output, expected
 
     site = Site(settings_for(tmp_path, live_only))
     try:
@@ -189,17 +225,34 @@ def test_tables_and_artifact_rows(two_hosts, tmp_path):
     finally:
         site.close()
     assert [(r["group"], r["on host"], r["running"], r["queued"]) for r in rows] == [
-        ("gpu0", "ok", 1, 1), ("gpu1", "paused", 0, 0), ("gpu9", "missing", 0, 0)]
+        ("gpu0", "ok", 1, 1),
+        ("gpu1", "paused", 0, 0),
+        ("gpu9", "missing", 0, 0),
+    ]
     assert rows[0]["gpus"] == "0: 35% 1000/40960 MiB" and rows[0]["foreign processes"] == ""
     assert rows[1]["foreign processes"] == f"/usr/bin/python3 (pid {two_hosts.foreign.pid})"
     assert rows[2]["gpus"] == ""
 
 
+def local_host(tmp_path: Path, name: str, **fields) -> dict:
+    missing = tmp_path / "missing" / "nvidia-smi"
+    return {"name": name, "transport": "local", "workdir": str(tmp_path / "work"),
+            "nvidia_smi": str(missing), **fields}  # fmt: skip
+
+
 def test_a_local_host_without_nvidia_smi(tmp_path):
-    host = {"name": "local", "transport": "local", "queue": "local", "workdir": str(tmp_path / "work"),
-            "nvidia_smi": str(tmp_path / "missing" / "nvidia-smi")}  # fmt: skip
+    host = local_host(tmp_path, "local", queue="local")
     site = Site(settings_for(tmp_path, [host]))
     [report] = host_reports(site, timeout=30)
     assert report.reachable and report.queue == "local queue"
     assert [(g.name, g.on_host, g.running) for g in report.groups] == [("default", "ok", 0)]
     assert report.gpus == () and report.gpu_problem.startswith("nvidia-smi not available")
+
+
+def test_a_reachable_host_whose_pueue_daemon_is_down(tmp_path):
+    pueue = install_fake_pueue(tmp_path / "pueue")  # daemon never started
+    host = local_host(tmp_path, "no-daemon", queue="pueue", pueue=str(pueue.bin))
+    [report] = host_reports(Site(settings_for(tmp_path, [host])), timeout=30)
+    assert report.reachable and report.queue == "pueue 4.0.4"
+    assert "Couldn't connect to the daemon" in report.queue_problem
+    assert [(g.name, g.on_host) for g in report.groups] == [("default", None)]

@@ -49,7 +49,11 @@ def hosts(
         typer.echo(json.dumps([report_json(r, settings.tz) for r in reports], indent=2))
     else:
         console = Console()
-        for table in (hosts_table(reports, settings.tz), groups_table(reports), gpus_table(reports)):
+        for table in (
+            hosts_table(reports, settings.tz),
+            groups_table(reports),
+            gpus_table(reports),
+        ):
             console.print(table)
     if not all(report.reachable for report in reports):
         raise typer.Exit(1)
@@ -82,7 +86,9 @@ def hosts_table(reports: list[HostReport], zone: tzinfo) -> Table:
 def groups_table(reports: list[HostReport]) -> Table:
     table = Table(title="groups", title_justify="left")
     for column in ("host", "group", "devices", "slots", "on host", "running", "queued"):
-        table.add_column(column, justify="right" if column in ("slots", "running", "queued") else "left")
+        table.add_column(
+            column, justify="right" if column in ("slots", "running", "queued") else "left"
+        )
     for report in reports:
         for group in report.groups:
             on_host = group.on_host or "?"
@@ -104,7 +110,9 @@ def gpus_table(reports: list[HostReport]) -> Table:
         table.add_column(column)
     for report in reports:
         if report.gpu_problem:
-            table.add_row(report.name, "", f"[yellow]{_escaped(report.gpu_problem)}[/yellow]", "", "")
+            table.add_row(
+                report.name, "", f"[yellow]{_escaped(report.gpu_problem)}[/yellow]", "", ""
+            )
         for line in report.gpus:
             foreign = foreign_text(line)
             table.add_row(

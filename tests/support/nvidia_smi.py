@@ -15,6 +15,8 @@ Every call is appended to `calls.jsonl` beside the state file.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -50,7 +52,9 @@ PROCESS_FIELDS = {
 }
 
 
-def gpu(index: int, name: str = "NVIDIA A100-SXM4-40GB", utilization=0, used=0, total=40960) -> dict:
+def gpu(
+    index: int, name: str = "NVIDIA A100-SXM4-40GB", utilization=0, used=0, total=40960
+) -> dict:
     """One GPU of the state, with a stable UUID made from its index."""
     return {
         "index": index,
@@ -68,6 +72,21 @@ def gpu_uuid(index: int) -> str:
 
 def process(gpu_index: int, pid: int, name: str = "/usr/bin/python3", used=1024) -> dict:
     return {"gpu_uuid": gpu_uuid(gpu_index), "pid": pid, "process_name": name, "used_memory": used}
+
+
+def start_compute_process(*, ours: bool) -> subprocess.Popen:
+    """A real, idle process to list as a GPU compute process. One of ours carries
+    MQI_CASE_UID in its environment, as every task submitted for a case does."""
+    env = {name: value for name, value in os.environ.items() if name != "MQI_CASE_UID"}
+    if ours:
+        env["MQI_CASE_UID"] = "case-under-test"
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env=env)
+
+
+def stop_processes(*processes: subprocess.Popen) -> None:
+    for child in processes:
+        child.kill()
+        child.wait()
 
 
 @dataclass
@@ -98,7 +117,9 @@ class FakeNvidiaSmi:
         temporary.replace(self.state_file)
 
 
-def install_fake_nvidia_smi(root: Path, gpus: list[dict] = (), processes: list[dict] = ()) -> FakeNvidiaSmi:
+def install_fake_nvidia_smi(
+    root: Path, gpus: list[dict] = (), processes: list[dict] = ()
+) -> FakeNvidiaSmi:
     root = Path(root).resolve()
     (root / "bin").mkdir(parents=True, exist_ok=True)
     executable = root / "bin" / "nvidia-smi"
