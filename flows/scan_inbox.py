@@ -17,7 +17,7 @@ def register_new_folders() -> int:
     scanner = InboxScanner(site.settings.inbox)
     known = {case.source for case in site.ledger.list_cases()}
     new = 0
-    for ready in scanner.scan(known=lambda path: folder_key(path) in known):
+    for ready in scanner.scan(known=lambda path: folder_key(path) in known).ready:
         _, created = site.ledger.register_case(ready.path, actor="scan-inbox")
         new += created
     return new
