@@ -28,6 +28,7 @@ GPU_FIELDS = ("index", "uuid", "name", "utilization.gpu", "memory.used", "memory
 PROCESS_FIELDS = ("gpu_uuid", "pid", "process_name", "used_memory")
 CSV_FORMAT = "--format=csv,noheader,nounits"
 OUR_PROCESS_MARKER = "MQI_CASE_UID"
+MAX_MESSAGE = 300  # characters of nvidia-smi's own words kept in a report
 _NOT_FOUND_CODES = {
     126,
     127,
@@ -121,7 +122,7 @@ def _number(value: str) -> int | None:
     """An integer field; None for [N/A], [Not Supported], [Unknown Error] and the like."""
     try:
         return int(float(value))
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
 
 
@@ -161,6 +162,8 @@ def _failure_text(nvidia_smi: str, result: CommandResult) -> str:
     if result.exit_code in _NOT_FOUND_CODES:
         return f"nvidia-smi not available ({nvidia_smi!r} not found or not executable)"
     printed = " ".join((result.out + " " + result.err).split()) or "no output"
+    if len(printed) > MAX_MESSAGE:
+        printed = printed[:MAX_MESSAGE] + "..."
     return f"nvidia-smi failed with exit code {result.exit_code}: {printed}"
 
 

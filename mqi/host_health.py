@@ -25,6 +25,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from mqi.queue.local import write_json_atomic
+from mqi.settings import NAME_PATTERN
 from mqi.timefmt import utc_now
 from mqi.transport.base import (
     AuthenticationFailed,
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 HEALTH_FORMAT = 1
 HEALTH_SUBDIR = "hosts"
-_SAFE_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SAFE_HOST = re.compile(NAME_PATTERN)
 #: errors that say the host itself is out of reach; a command timing out or failing does not
 HOST_DOWN_ERRORS = (HostUnreachable, AuthenticationFailed, HostKeyRejected)
 
@@ -52,7 +53,8 @@ class RecheckPolicy:
     def interval(self, failures: int, transient: bool) -> timedelta:
         if not transient:
             return timedelta(seconds=self.max_seconds)
-        doubled = self.first_seconds * 2 ** max(0, failures - 1)
+        # the exponent is capped: a host down for weeks must not overflow the float
+        doubled = self.first_seconds * 2 ** min(max(0, failures - 1), 32)
         return timedelta(seconds=min(doubled, self.max_seconds))
 
 

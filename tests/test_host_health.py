@@ -79,6 +79,7 @@ def test_the_back_off_doubles_with_each_failed_try_up_to_a_ceiling(tmp_path):
         intervals.append((health.next_check(policy) - at(now)).total_seconds())
         now = (health.next_check(policy) - T0).total_seconds()
     assert intervals == [30, 60, 100, 100]
+    assert policy.interval(failures=50_000, transient=True) == timedelta(seconds=100)
     assert host_health(tmp_path, "gpu-b").since == at(0)  # down since the first failure
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from mqi.cli import app
 from mqi.host_health import host_health, reachable_hosts
-from mqi.host_report import artifact_rows, host_reports
+from mqi.host_report import artifact_rows, health_text, host_reports
 from mqi.queue.base import SubmitRequest
 from mqi.queue.pueue import PueueQueue
 from mqi.settings import Settings
@@ -185,6 +185,8 @@ def test_a_down_host_is_reported_with_its_reason_marked_and_skipped_until_it_rec
         health = host_health(settings.state_dir, down_name)
         assert (health.reachable, health.reason) == (False, down.reason)
         assert reachable_hosts(settings.state_dir, [live_name, down_name]) == {live_name}
+        assert health_text(down.health, UTC).startswith("skipped (down since")
+        assert health_text(live.health, UTC) == "used"
 
         after_back_off = health.next_check() + timedelta(seconds=1)
         assert reachable_hosts(settings.state_dir, [down_name], now=after_back_off) == {down_name}
