@@ -42,7 +42,7 @@ T = TypeVar("T")
 #: Flow control for bulk transfers: a large receive window keeps the sender busy on a
 #: fast link; packets stay at OpenSSH's own session size.
 CHANNEL_WINDOW = 16 * 1024 * 1024
-CHANNEL_PACKET = 32 * 1024
+CHANNEL_PACKET = 128 * 1024
 READ_CHUNK = 1024 * 1024
 POLL_SLICE = 0.2  # seconds between looks at stderr while waiting for stdout
 #: AES-GCM needs no separate MAC pass, so it is the cheapest cipher paramiko offers.
@@ -400,7 +400,8 @@ class _ChannelWriter:
 
     def write(self, data: bytes) -> int:
         view = memoryview(data)
-        step = CHANNEL_PACKET - 64  # one SSH packet per send, no re-slicing of big buffers
+        # one SSH packet per send (the server sets its size), no re-slicing of big buffers
+        step = self._channel.out_max_packet_size - 64
         for start in range(0, len(view), step):
             self._send(bytes(view[start : start + step]))
         return len(view)
