@@ -39,8 +39,9 @@ from mqi.transport.base import (
 
 T = TypeVar("T")
 
-#: Flow control for bulk transfers: a large receive window keeps the sender busy on a
-#: fast link; packets stay at OpenSSH's own session size.
+#: Flow control for what we receive: a large window keeps the sender busy on a fast link,
+#: and larger packets than OpenSSH's own 32 KB mean fewer to decrypt one by one in Python
+#: (OpenSSH's limit for a whole packet is 256 KB). What we send goes in the server's size.
 CHANNEL_WINDOW = 16 * 1024 * 1024
 CHANNEL_PACKET = 128 * 1024
 READ_CHUNK = 1024 * 1024
