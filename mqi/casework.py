@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mqi import transfer
 from mqi.errors import MqiError
+from mqi.faults import fault_point
 from mqi.ledger.records import Attempt, Case
 from mqi.ledger.states import ACTIVE_STATES, AttemptResult, CaseState, FailureCategory
 from mqi.queue.base import SubmitRequest, TaskInfo, TaskResult, TaskState
@@ -44,6 +45,7 @@ def register(site: Site, ref: str, actor: str) -> Case:
     path = Path(ref).expanduser()
     if path.is_dir():
         case, _ = site.ledger.register_case(path.resolve(), actor=actor)
+        fault_point("after-register")
         return case
     return site.ledger.find_case(ref)
 
@@ -89,6 +91,7 @@ def upload(site: Site, case: Case, placement: Placement, actor: str) -> None:
             remote_dir,
             timeout=site.settings.transfer.timeout_seconds,
         )
+        fault_point("after-upload")
     except transfer.CaseInputError as exc:
         fail_case(site, case, None, FailureCategory.INPUT, str(exc), actor)
         raise CaseStepError(str(exc)) from exc
@@ -132,6 +135,7 @@ def add_task(site: Site, case: Case, attempt: Attempt, placement: Placement, act
         env=env,
     )
     task_id = site.queue(placement.host.name).submit(request)
+    fault_point("after-add")
     site.status(placement.host.name).invalidate()
     attempt = site.ledger.update_attempt(attempt.id, task_id=task_id)
     site.ledger.transition(
@@ -197,6 +201,7 @@ class Waiter:
             self._note_start(task)
             if task.finished:
                 return outcome_of(task)
+            fault_point("while-waiting")
             self._update_progress(task)
             self.sleep(min(poll, remaining))
 
@@ -296,6 +301,7 @@ def download(site: Site, case: Case, attempt: Attempt, actor: str) -> Path:
     # A broken download leaves the case in `downloading` with its attempt live; the results
     # stay on the host and the next resume fetches them again.
     transfer.download_results(transport, remote_output, dest, timeout=site.settings.transfer.timeout_seconds)
+    fault_point("after-download")
     site.ledger.finish_attempt(attempt.id, AttemptResult.SUCCESS, exit_code=0)
     site.ledger.transition(case.id, CaseState.COMPLETED, actor=actor, attempt_id=attempt.id,
                            results_path=dest, message=f"results in {dest}")
