@@ -41,6 +41,12 @@ def test_stdin_is_passed(transport):
     assert result.stdout == data
 
 
+def test_stdin_a_command_does_not_read_is_no_error(transport):
+    result = transport.run(["true"], stdin=b"z" * 20_000_000, timeout=30)
+
+    assert result.exit_code == 0
+
+
 def test_cwd(transport, tmp_path):
     folder = tmp_path / "a folder; with $(odd) name"
     folder.mkdir()

@@ -95,7 +95,7 @@ class SshTransport(Transport):
         self._sessions = threading.BoundedSemaphore(max_sessions)
         self._connect_lock = threading.Lock()
         self._client: paramiko.SSHClient | None = None
-        self._failure: tuple[float, HostUnreachable] | None = None
+        self._failure: tuple[float, str] | None = None  # when the last connect gave up, why
 
     def __repr__(self) -> str:
         return f"SshTransport(host={self.host!r}, {self.username}@{self.hostname}:{self.port})"
@@ -112,9 +112,7 @@ class SshTransport(Transport):
     ) -> CommandResult:
         deadline = Deadline(timeout)
         with self._channel(argv, deadline, cwd=cwd) as channel:
-            if stdin:
-                _ChannelWriter(self, channel, argv, deadline).write(stdin)
-            channel.shutdown_write()
+            self._feed(channel, argv, deadline, lambda stream: stream.write(stdin or b""))
             return self._finish(channel, argv, deadline)
 
     def run_writing(
@@ -122,11 +120,7 @@ class SshTransport(Transport):
     ) -> CommandResult:
         deadline = Deadline(timeout)
         with self._channel(argv, deadline) as channel:
-            try:
-                write(_ChannelWriter(self, channel, argv, deadline))
-            except _InputClosed:
-                pass  # the command stopped reading: its exit code and stderr say why
-            channel.shutdown_write()
+            self._feed(channel, argv, deadline, write)
             return self._finish(channel, argv, deadline)
 
     def run_reading(
@@ -179,7 +173,7 @@ class SshTransport(Transport):
 
     def _open_session(self, deadline: Deadline) -> paramiko.Channel:
         """Open a channel, reconnecting once if the shared connection turns out dead."""
-        for attempt in (1, 2):
+        for _ in range(2):
             transport = self._connection()
             try:
                 return transport.open_session(
@@ -191,9 +185,22 @@ class SshTransport(Transport):
                 raise HostUnreachable(self.host, f"the server refused a session: {error}")
             except (paramiko.SSHException, OSError, EOFError) as error:
                 self._forget(transport)
-                if attempt == 2:
-                    raise HostUnreachable(self.host, f"connection lost: {error}")
-        raise AssertionError("unreachable")
+                lost = error
+        raise HostUnreachable(self.host, f"connection lost: {lost}")
+
+    def _feed(
+        self,
+        channel: paramiko.Channel,
+        argv: Sequence[str],
+        deadline: Deadline,
+        write: Callable[[BinaryIO], None],
+    ) -> None:
+        """Let `write` produce the command's input, then signal its end."""
+        try:
+            write(_ChannelWriter(self, channel, argv, deadline))
+        except _InputClosed:
+            pass  # the command stopped reading: its exit code and stderr say why
+        channel.shutdown_write()
 
     def _finish(
         self,
@@ -261,12 +268,12 @@ class SshTransport(Transport):
                 self._client = None
             if self._failure is not None and self._failure[0] >= asked_at:
                 # another thread just gave up while we waited: don't repeat its backoff
-                raise self._failure[1]
+                raise HostUnreachable(self.host, self._failure[1])
             try:
                 self._client = self._connect_with_backoff()
-            except HostUnreachable as error:
-                self._failure = (time.monotonic(), error)
-                raise
+            except _Unreachable as error:
+                self._failure = (time.monotonic(), error.reason)
+                raise HostUnreachable(self.host, error.reason) from None
             self.connections_opened += 1
             return self._client.get_transport()
 
@@ -277,6 +284,7 @@ class SshTransport(Transport):
                 self._client = None
 
     def _connect_with_backoff(self) -> paramiko.SSHClient:
+        """Connect, retrying with exponential backoff and jitter; _Unreachable at the end."""
         delay = self.first_backoff_seconds
         for attempt in range(1, self.connect_attempts + 1):
             try:
@@ -286,10 +294,9 @@ class SshTransport(Transport):
             if attempt < self.connect_attempts:
                 time.sleep(delay * random.uniform(0.5, 1.5))
                 delay *= 2
-        raise HostUnreachable(
-            self.host,
+        raise _Unreachable(
             f"cannot connect to {self.hostname}:{self.port} "
-            f"after {self.connect_attempts} attempts: {reason}",
+            f"after {self.connect_attempts} attempts: {reason}"
         )
 
     def _connect_once(self) -> paramiko.SSHClient:
