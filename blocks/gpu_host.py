@@ -61,6 +61,8 @@ class GpuHost(Block):
     connect_timeout: float = _as_in_host_settings("connect_timeout")
     command_timeout: float = _as_in_host_settings("command_timeout")
     pueue: str = _as_in_host_settings("pueue")
+    nvidia_smi: str = _as_in_host_settings("nvidia_smi")
+    avoid_foreign_gpu_processes: bool = _as_in_host_settings("avoid_foreign_gpu_processes")
     workdir: str = _as_in_host_settings("workdir")
     groups: list[GroupSettings] = _as_in_host_settings("groups")
 

@@ -6,6 +6,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from mqi import casework
+from mqi.host_report import artifact_rows, host_reports
 from mqi.ledger.states import AttemptResult, CaseState
 from mqi.runtime import get_site
 from mqi.transport.base import TransportError
@@ -61,10 +62,19 @@ def report_held_slots() -> list[str]:
     return notes
 
 
+@task(name="report-hosts")
+def report_hosts() -> list[str]:
+    """Each host's reachability, groups and GPUs as a table artifact (the UI's host view)."""
+    reports = host_reports(get_site())
+    create_table_artifact(table=artifact_rows(reports), key="mqi-hosts", description="GPU hosts, groups and GPUs")
+    return [f"host {r.name}: unreachable: {r.reason}" for r in reports if not r.reachable]
+
+
 @flow(name="reconcile")
 def reconcile() -> list[str]:
     """Adopt lost task ids, retry kills, resume orphaned cases, report stray GPU slots."""
-    notes = adopt_unknown_tasks() + retry_unconfirmed_kills() + resume_orphaned_cases() + report_held_slots()
+    notes = (adopt_unknown_tasks() + retry_unconfirmed_kills() + resume_orphaned_cases() + report_held_slots()
+             + report_hosts())
     for note in notes:
         get_run_logger().info(note)
     if notes:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from mqi import transfer
 from mqi.errors import MqiError
+from mqi.gpu import cached_gpu_report, foreign_processes
+from mqi.host_health import host_health, reachable_hosts
 from mqi.faults import fault_point
 from mqi.ledger.records import Attempt, Case
 from mqi.ledger.states import ACTIVE_STATES, AttemptResult, CaseState, FailureCategory
@@ -50,21 +52,56 @@ def register(site: Site, ref: str, actor: str) -> Case:
     return site.ledger.find_case(ref)
 
 
+class NoPlacement(MqiError):
+    """No configured group can take the case now (hosts down, or GPUs busy with others' work)."""
+
+
 def choose_placement(site: Site, case: Case, host: str | None = None, group: str | None = None) -> Placement:
-    """The least busy configured group (live attempts per slot), honouring any pin."""
+    """The least busy usable group (live attempts per slot), honouring any pin."""
     host = host or case.pinned_host
     group = group or case.pinned_group
-    busy = live_attempts_per_group(site)
-    candidates = [
+    configured = [
         site.placement(h.name, g.name)
         for h in site.settings.hosts
         if host is None or h.name == host
         for g in h.groups
         if group is None or g.name == group
     ]
-    if not candidates:
+    if not configured:
         raise MqiError(f"no configured group matches host={host!r} group={group!r}")
-    return min(candidates, key=lambda p: busy.get((p.host.name, p.group.name), 0) / p.group.slots)
+    reachable = reachable_hosts(site.settings.state_dir, {p.host.name for p in configured})
+    usable = [p for p in configured if p.host.name in reachable and not _gpus_taken_by_others(site, p)]
+    if not usable:
+        reasons = sorted({f"{p.host.name}: {host_health(site.settings.state_dir, p.host.name).reason or 'GPUs busy'}"
+                          for p in configured})
+        raise NoPlacement(f"no usable group for case {case.name} now ({'; '.join(reasons)})")
+    busy = live_attempts_per_group(site)
+    return min(usable, key=lambda p: busy.get((p.host.name, p.group.name), 0) / p.group.slots)
+
+
+def wait_for_placement(site: Site, case: Case, host: str | None, group: str | None,
+                       sleep: Callable[[float], None] = time.sleep) -> Placement:
+    """A case whose hosts are all down waits for one to come back; it does not fail."""
+    delay = site.settings.case.poll_seconds
+    while True:
+        try:
+            return choose_placement(site, case, host, group)
+        except NoPlacement as exc:
+            log.warning("%s; trying again in %.0f s", exc, delay)
+            sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+
+
+def _gpus_taken_by_others(site: Site, placement: Placement) -> bool:
+    if not placement.host.avoid_foreign_gpu_processes:
+        return False
+    try:
+        report = cached_gpu_report(site.gpu_cache, site.transport(placement.host.name),
+                                   placement.host.nvidia_smi, placement.host.command_timeout)
+    except TransportError as exc:
+        site.note_host_call(placement.host.name, exc)
+        return True
+    return bool(foreign_processes(report, placement.group.devices))
 
 
 def live_attempts_per_group(site: Site) -> dict[tuple[str, str], int]:
@@ -96,6 +133,7 @@ def upload(site: Site, case: Case, placement: Placement, actor: str) -> None:
         fail_case(site, case, None, FailureCategory.INPUT, str(exc), actor)
         raise CaseStepError(str(exc)) from exc
     except TransportError as exc:
+        site.note_host_call(placement.host.name, exc)
         # Back in line: the case is retried when the host answers again.
         site.ledger.transition(case.id, CaseState.PENDING, actor=actor, message=f"upload interrupted: {exc}")
         raise

@@ -57,12 +57,15 @@ class SharedStatus:
         max_age: float,
         *,
         clock: Callable[[], float] = time.time,
+        on_call: Callable[[Exception | None], None] = lambda error: None,
     ):
+        """`on_call` hears the outcome of every real status call (None: it succeeded)."""
         if not _SAFE_HOST.match(queue.host):
             raise ValueError(f"host name {queue.host!r} cannot name a cache file")
         self.queue = queue
         self.max_age = max_age
         self._clock = clock
+        self._on_call = on_call
         cache_dir.mkdir(parents=True, exist_ok=True)
         self._cache_file = cache_dir / f"{queue.host}.json"
         self._lock_file = cache_dir / f"{queue.host}.lock"
@@ -102,7 +105,9 @@ class SharedStatus:
         except Exception as exc:
             self._last_error = exc
             self._attempts += 1
+            self._on_call(exc)
             raise
+        self._on_call(None)
         # The end of the call, not its start: callers waiting on a slow call must not repeat it.
         taken_at = self._clock()
         self._loaded = self._store(snapshot, taken_at)

@@ -125,6 +125,13 @@ class HostSettings(StrictModel):
     connect_timeout: float = Field(10.0, gt=0)
     command_timeout: float = Field(60.0, gt=0)
     pueue: str = "pueue"
+    nvidia_smi: str = Field(
+        "nvidia-smi", min_length=1,
+        description="nvidia-smi on the host; an absolute path, since a non-login shell's PATH may lack it",
+    )
+    avoid_foreign_gpu_processes: bool = Field(
+        False, description="placement skips a group whose GPUs run compute processes that are not our tasks"
+    )
     workdir: str = "work"
     groups: list[GroupSettings] = Field(default_factory=lambda: [GroupSettings(name="default")])
     block: str | None = Field(

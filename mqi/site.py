@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from mqi.gpu import GpuCache
+from mqi.host_health import record_host_ok, record_transport_error
 from mqi.ledger.store import Ledger
 from mqi.polling import SharedStatus
 from mqi.queue.base import Queue
 from mqi.settings import GroupSettings, HostSettings, Settings
-from mqi.transport.base import Transport
+from mqi.transport.base import Transport, TransportError
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Site:
         self._transports: dict[str, Transport] = {}
         self._queues: dict[str, Queue] = {}
         self._statuses: dict[str, SharedStatus] = {}
+        self.gpu_cache = GpuCache(interval=settings.case.poll_seconds)
 
     @cached_property
     def ledger(self) -> Ledger:
@@ -87,8 +90,16 @@ class Site:
                     queue,
                     cache_dir=self.settings.state_dir / "status-cache",
                     max_age=self.settings.case.poll_seconds,
+                    on_call=lambda error: self.note_host_call(host_name, error),
                 )
             return self._statuses[host_name]
+
+    def note_host_call(self, host_name: str, error: Exception | None) -> None:
+        """Keep the host's health (reachable or not, and why) for placement and `mqi hosts`."""
+        if error is None:
+            record_host_ok(self.settings.state_dir, host_name)
+        elif isinstance(error, TransportError):
+            record_transport_error(self.settings.state_dir, error)
 
     def _make_queue(self, host: HostSettings) -> Queue:
         if host.queue == "local":

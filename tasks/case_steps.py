@@ -47,7 +47,7 @@ def live_attempt(case: Case) -> Attempt | None:
 
 @task(name="choose-placement")
 def choose_placement(case: Case, host: str | None, group: str | None) -> Placement:
-    return casework.choose_placement(get_site(), case, host, group)
+    return casework.wait_for_placement(get_site(), case, host, group)
 
 
 @task(name="placement-of-attempt")
