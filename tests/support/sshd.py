@@ -174,6 +174,7 @@ Subsystem sftp internal-sftp
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        _release_pyenv_rehash_lock()
         return len(victims)
 
     def stop(self) -> None:
@@ -212,6 +213,17 @@ Subsystem sftp internal-sftp
             "key_file": self.key_file,
             "known_hosts": self.known_hosts,
         }
+
+
+def _release_pyenv_rehash_lock() -> None:
+    """Remove the lock a killed `pyenv rehash` leaves behind.
+
+    On machines whose ~/.bashrc runs `pyenv init`, every remote command runs `pyenv rehash`,
+    which holds `$PYENV_ROOT/shims/.pyenv-shim` while it works. Killing a session mid-rehash
+    leaves that file, and every later remote shell then waits 60 s for it.
+    """
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    (root / "shims" / ".pyenv-shim").unlink(missing_ok=True)
 
 
 def _descendants(pid: int) -> list[int]:
