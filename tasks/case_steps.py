@@ -8,6 +8,7 @@ from prefect.runtime import flow_run
 
 from mqi import casework, claims
 from mqi.ledger.records import Attempt, Case
+from mqi.ledger.states import CaseState
 from mqi.runtime import get_site
 from mqi.site import Placement
 from mqi.transport.base import TransportError
@@ -67,7 +68,9 @@ def submit_case(case: Case, placement: Placement, attempt: Attempt | None) -> At
     site = get_site()
     if attempt is None:
         return casework.submit(site, case, placement, actor(), flow_run_id=str(flow_run.id or ""))
-    if attempt.task_id is None:  # resuming after a crash between the ledger and `pueue add`
+    # Resuming after a crash between `pueue add` and the ledger's QUEUED (the task id may have
+    # been recorded, by us or by reconcile, without the move): the task is adopted by label.
+    if attempt.task_id is None or site.ledger.get_case(case.id).state is CaseState.UPLOADING:
         return casework.add_task(site, case, attempt, placement, actor())
     return attempt
 
