@@ -5,8 +5,9 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.hooks import cancel_remote_task
+from mqi.claims import CaseBusy
 from mqi.ledger.records import Case
-from mqi.ledger.states import FINISHED_STATES
+from mqi.ledger.states import FINISHED_STATES, CaseState
 from tasks.case_steps import (
     claim_case,
     choose_placement,
@@ -27,20 +28,26 @@ def process_case(case: str, host: str | None = None, group: str | None = None) -
     record = register_case(case)
     if record.state in FINISHED_STATES:
         return record.state.value  # a rerun is `mqi retry`, a new attempt
-    with claim_case(record):  # one live run per case; the claim dies with the process
-        return run_case(record, host, group)
+    try:
+        with claim_case(record):  # one live run per case; the claim dies with the process
+            state = run_case(record, host, group)
+            while state == CaseState.PENDING:  # the retry policy sent it back: a new attempt
+                state = run_case(record, host, group)
+            return state
+    except CaseBusy:
+        return "busy"  # another live run has it: nothing to do here
 
 
 def run_case(record: Case, host: str | None, group: str | None) -> str:
     attempt = live_attempt(record)  # a live attempt is resumed: never a second remote task
     if attempt is None:
         placement = choose_placement(record, host, group)
-        upload_case(record, placement)  # before taking the slot: the GPU never waits for us
+        if not upload_case(record, placement):  # before taking the slot: the GPU never waits for us
+            return publish_outcome(record)  # the folder itself is unusable: failed, never retried
     else:
         placement = placement_of(attempt)
     with gpu_slot(placement):  # from submission until the task is finished or killed
         attempt = submit_case(record, placement, attempt)
         outcome = wait_until_done(record, attempt)
-    record = record_outcome(record, attempt, outcome)  # downloads after giving the slot back
-    publish_outcome(record)
-    return record.state.value
+    record_outcome(record, attempt, outcome)  # downloads after giving the slot back
+    return publish_outcome(record)  # a summary in the UI; the state the case is in now

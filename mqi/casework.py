@@ -31,10 +31,6 @@ MAX_BACKOFF_SECONDS = 300.0
 PROGRESS_EVERY_SECONDS = 30.0
 
 
-class CaseStepError(MqiError):
-    """A step failed for a reason recorded in the ledger; the case is already marked."""
-
-
 def attempt_label(case: Case, number: int) -> str:
     return f"mqi-{case.uid}-a{number}"
 
@@ -116,8 +112,8 @@ def live_attempts_per_group(site: Site) -> dict[tuple[str, str], int]:
 # -- upload and submit -------------------------------------------------------------------
 
 
-def upload(site: Site, case: Case, placement: Placement, actor: str) -> None:
-    """Send the case folder to the host, verified. An input error fails the case for good."""
+def upload(site: Site, case: Case, placement: Placement, actor: str) -> bool:
+    """Send the case folder to the host, verified; False: an input error failed the case."""
     if site.ledger.get_case(case.id).state is not CaseState.UPLOADING:  # else resuming a broken upload
         site.ledger.transition(case.id, CaseState.UPLOADING, actor=actor, message=f"to {placement.host.name}")
     remote_dir = site.remote_case_dir(placement.host, case.uid)
@@ -131,12 +127,13 @@ def upload(site: Site, case: Case, placement: Placement, actor: str) -> None:
         fault_point("after-upload")
     except transfer.CaseInputError as exc:
         fail_case(site, case, None, FailureCategory.INPUT, str(exc), actor)
-        raise CaseStepError(str(exc)) from exc
+        return False
     except TransportError as exc:
         site.note_host_call(placement.host.name, exc)
         # Back in line: the case is retried when the host answers again.
         site.ledger.transition(case.id, CaseState.PENDING, actor=actor, message=f"upload interrupted: {exc}")
         raise
+    return True
 
 
 def submit(site: Site, case: Case, placement: Placement, actor: str, flow_run_id: str | None = None) -> Attempt:
@@ -318,6 +315,7 @@ def kill(site: Site, case: Case, attempt: Attempt, result: AttemptResult, reason
             case.id, CaseState.FAILED, actor=actor, attempt_id=attempt.id, message=reason,
             failure_category=category, failure_message=reason,
         )
+        retry_if_allowed(site, case, category, actor)
     return True
 
 
@@ -356,6 +354,23 @@ def fail_case(site: Site, case: Case, attempt: Attempt | None, category: Failure
         case.id, CaseState.FAILED, actor=actor, attempt_id=attempt.id if attempt else None,
         message=message, failure_category=category, failure_message=message,
     )
+    retry_if_allowed(site, case, category, actor)
+
+
+# Failures the retry policy may try again; an input error never is, a timeout only if set.
+RETRYABLE = frozenset({FailureCategory.ENGINE, FailureCategory.INFRASTRUCTURE, FailureCategory.LOST})
+
+
+def retry_if_allowed(site: Site, case: Case, category: FailureCategory, actor: str) -> bool:
+    """Send a failed case back to pending as a new attempt when `retry` allows it."""
+    policy = site.settings.retry
+    retryable = category in RETRYABLE or (category is FailureCategory.TIMEOUT and policy.retry_timeouts)
+    attempts = len(site.ledger.attempts(case.id))
+    if not retryable or attempts >= policy.max_attempts:
+        return False
+    site.ledger.transition(case.id, CaseState.PENDING, actor=actor,
+                           message=f"automatic retry after {category} (attempt {attempts + 1} of {policy.max_attempts})")
+    return True
 
 
 def engine_failure_message(site: Site, attempt: Attempt, outcome: WaitOutcome) -> str:

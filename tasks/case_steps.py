@@ -58,8 +58,9 @@ def placement_of(attempt: Attempt) -> Placement:
 
 @task(name="upload-case", retries=len(TRANSIENT_RETRY_DELAYS), retry_delay_seconds=TRANSIENT_RETRY_DELAYS,
       retry_condition_fn=_transient)
-def upload_case(case: Case, placement: Placement) -> None:
-    casework.upload(get_site(), case, placement, actor())
+def upload_case(case: Case, placement: Placement) -> bool:
+    """False when the case folder itself is unusable: the case has failed, nothing was sent."""
+    return casework.upload(get_site(), case, placement, actor())
 
 
 @task(name="submit-case", retries=len(TRANSIENT_RETRY_DELAYS), retry_delay_seconds=TRANSIENT_RETRY_DELAYS,

@@ -12,9 +12,10 @@ from prefect.events import emit_event
 from prefect.exceptions import ObjectNotFound
 
 from mqi.ledger.records import Case
-from mqi.runtime import get_site
+from mqi.ledger.states import CaseState
+from mqi.runtime import get_site, site_hooks
 from mqi.settings import Settings
-from mqi.site import Placement, gpu_limit_name
+from mqi.site import Placement, Site, gpu_limit_name
 from mqi.timefmt import show_time
 
 # A slot whose holder died is given back when its lease runs out unrenewed (renewed every
@@ -56,10 +57,42 @@ def case_resource(case: Case) -> dict[str, str]:
             "mqi.case.id": str(case.id)}
 
 
+def emit_state_event(site: Site, case: Case, from_state: CaseState, attempt_id: int | None) -> None:
+    """`mqi.case.<state>` for every state change: the case as the resource, host and group related."""
+    attempt = site.ledger.get_attempt(attempt_id) if attempt_id is not None else None
+    related = []
+    if attempt is not None:
+        related = [
+            {"prefect.resource.id": f"mqi.host.{attempt.host}", "prefect.resource.role": "host"},
+            {"prefect.resource.id": f"mqi.group.{attempt.host}.{attempt.group}", "prefect.resource.role": "gpu-group"},
+        ]
+    emit_event(
+        f"mqi.case.{case.state.value}",
+        resource=case_resource(case),
+        related=related,
+        payload={
+            "from": from_state.value,
+            "attempt": attempt.number if attempt else None,
+            "task_id": attempt.task_id if attempt else None,
+            "failure_category": case.failure_category.value if case.failure_category else None,
+        },
+    )
+
+
+def publish_transitions(site: Site) -> None:
+    site.ledger.transition_listeners.append(
+        lambda case, from_state, attempt_id: emit_state_event(site, case, from_state, attempt_id)
+    )
+
+
+site_hooks.append(publish_transitions)
+
+
 @task(name="publish-outcome")
-def publish_outcome(case: Case) -> None:
-    """A summary artifact and a `mqi.case.<state>` event that automations can react to."""
+def publish_outcome(case: Case) -> str:
+    """A summary artifact of the case in the Prefect UI; returns the case's state."""
     site = get_site()
+    case = site.ledger.get_case(case.id)
     attempts = site.ledger.attempts(case.id)
     last = attempts[-1] if attempts else None
     tz = site.settings.tz
@@ -77,13 +110,7 @@ def publish_outcome(case: Case) -> None:
     table = "\n".join(f"| {key} | {_cell(value)} |" for key, value in rows)
     create_markdown_artifact(markdown=f"# Case {case.name}\n\n| | |\n|---|---|\n{table}\n",
                              key=f"case-{case.uid}", description=f"outcome of case {case.name}")
-    related = []
-    if last:
-        related = [{"prefect.resource.id": f"mqi.host.{last.host}", "prefect.resource.role": "host"},
-                   {"prefect.resource.id": f"mqi.group.{last.host}.{last.group}", "prefect.resource.role": "gpu-group"}]
-    emit_event(f"mqi.case.{case.state.value}", resource=case_resource(case), related=related,
-               payload={"attempt": last.number if last else None,
-                        "failure_category": case.failure_category.value if case.failure_category else None})
+    return case.state.value
 
 
 def held_slots(settings: Settings) -> dict[tuple[str, str], int]:

@@ -286,3 +286,59 @@ def _running(site, folder):
     if _state(site, folder) is CaseState.RUNNING:
         return site.ledger.find_case(str(folder))
     return None
+
+
+def test_engine_failure_is_retried_as_a_new_attempt_when_the_policy_allows(tmp_path, sshd, fake_pueue):
+    runs = tmp_path / "engine-runs"
+    settings = settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)],
+                            command=f"echo run >> {runs}; test $(wc -l < {runs}) -ge 2 || exit 5; " + OUTPUT)
+    settings.retry.max_attempts = 2
+    site = start(settings)
+    folder = make_case(tmp_path, "flaky-case")
+
+    assert run_case(folder) == "completed"
+
+    case = site.ledger.find_case(str(folder))
+    first, second = site.ledger.attempts(case.id)
+    assert (first.result, first.exit_code, second.result) == (AttemptResult.FAILED, 5, AttemptResult.SUCCESS)
+    assert any("automatic retry after engine" in e.message for e in site.ledger.events(case.id))
+
+
+def test_no_retry_beyond_max_attempts_and_never_for_input_errors(tmp_path, sshd, fake_pueue):
+    settings = settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command="exit 6")
+    settings.retry.max_attempts = 2
+    site = start(settings)
+    failing = make_case(tmp_path, "always-fails")
+    broken = make_case(tmp_path, "escaping-link")
+    (broken / "passwd").symlink_to("/etc/passwd")
+
+    assert run_case(failing) == "failed"
+    assert run_case(broken) == "failed"
+
+    assert [a.exit_code for a in site.ledger.attempts(site.ledger.find_case(str(failing)).id)] == [6, 6]
+    bad = site.ledger.find_case(str(broken))
+    assert bad.failure_category is FailureCategory.INPUT and "passwd" in bad.failure_message
+    assert site.ledger.attempts(bad.id) == []  # nothing was ever submitted for it
+
+
+def test_every_state_change_is_a_prefect_event_with_host_and_group(tmp_path):
+    from prefect import get_client
+    from prefect.events.filters import EventFilter, EventResourceFilter
+
+    site = start(settings_for(tmp_path, [local_host(tmp_path)], command=OUTPUT))
+    folder = make_case(tmp_path, "event-case")
+    assert run_case(folder) == "completed"
+    case = site.ledger.find_case(str(folder))
+
+    def events():
+        with get_client(sync_client=True) as client:
+            page = client.read_events(EventFilter(resource=EventResourceFilter(id=[f"mqi.case.{case.uid}"])))
+        return page.events
+
+    wanted = [f"mqi.case.{e.to_state.value}" for e in site.ledger.events(case.id) if e.from_state is not None]
+    found = wait_for(lambda: (lambda got: got if set(wanted) <= {e.event for e in got} else None)(events()),
+                     what="the case's events")
+    completed = next(e for e in found if e.event == "mqi.case.completed")
+    roles = {r.role: r.id for r in completed.related}
+    assert roles == {"host": f"mqi.host.{site.settings.hosts[0].name}",
+                     "gpu-group": f"mqi.group.{site.settings.hosts[0].name}.gpu0"}

@@ -92,6 +92,8 @@ class Ledger:
         self._engine = engine
         self._writer = writer_engine(engine)
         self._clock = clock
+        #: called with (case, from_state, attempt_id) after each committed transition
+        self.transition_listeners: list[Callable[[Case, CaseState, int | None], None]] = []
 
     @classmethod
     def open(cls, url: str, *, clock: Clock = utc_now, migrate: bool = True) -> Ledger:
@@ -321,9 +323,12 @@ class Ledger:
                 row.results_path = os.fsdecode(results_path)
             note = _event_message(message, failure_category, failure_message)
             session.add(_event(case_id, now, source, target, actor, note, attempt_id))
-            return Case.from_row(row)
+            return Case.from_row(row), source
 
-        return self._write(move)
+        case, source = self._write(move)
+        for listener in self.transition_listeners:  # after the commit: only what is recorded
+            listener(case, source, attempt_id)
+        return case
 
     def set_progress(self, case_id: int, percent: int) -> Case:
         if not 0 <= percent <= 100:
