@@ -26,6 +26,7 @@ import tarfile
 import tempfile
 
 CHUNK = 1024 * 1024
+BATCH = 256 * 1024
 MANIFEST_MARK = "MQI.manifest"  # pax header key on the final member
 MANIFEST_NAME = ".mqi-manifest.json"
 EXIT_BAD_STREAM = 2
@@ -181,6 +182,7 @@ def _unchanged(entry, st):
 
 def send_tree(root, entries, out):
     """Write `entries` as a tar stream ending with their manifest; return the manifest."""
+    out = _Batching(out)
     manifest = []
     for entry in entries:
         info = tarfile.TarInfo(entry.path)
@@ -211,6 +213,34 @@ def _send_manifest(manifest, out):
     out.write(_header(info) + data + _padding(len(data)))
     out.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))  # end of archive
     out.flush()
+
+
+class _Batching:
+    """Joins small writes (tar headers, small files) into larger ones: over SSH every
+    write costs at least one packet. Large writes pass straight through."""
+
+    def __init__(self, out):
+        self._out = out
+        self._pending = bytearray()
+
+    def write(self, data):
+        if len(self._pending) + len(data) < BATCH:
+            self._pending += data
+            return
+        self._write_pending()
+        if len(data) < BATCH:
+            self._pending += data
+        else:
+            self._out.write(data)
+
+    def _write_pending(self):
+        if self._pending:
+            self._out.write(bytes(self._pending))
+            self._pending = bytearray()
+
+    def flush(self):
+        self._write_pending()
+        self._out.flush()
 
 
 def _header(info):
