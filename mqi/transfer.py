@@ -226,9 +226,16 @@ def _receive(stream, staged: str) -> list[dict] | wire.StreamError:
 
 
 def _reply(result: CommandResult, remote_dir: str) -> list[dict] | None:
-    """The manifest a remote command printed, after checking how it exited."""
+    """The manifest a remote command printed on its last line, after checking how it
+    exited (a login script may print before it)."""
     _check(result, remote_dir)
-    return json.loads(result.stdout)["manifest"]
+    last_line = result.stdout.rstrip(b"\n").rpartition(b"\n")[2]
+    try:
+        return json.loads(last_line)["manifest"]
+    except (ValueError, KeyError, TypeError):
+        raise TransferError(
+            f"host {result.host!r}: unexpected reply about {remote_dir!r}: {result.out[-300:]!r}"
+        ) from None
 
 
 def _check(result: CommandResult, remote_dir: str) -> None:

@@ -466,7 +466,7 @@ def command_remove(folder):
 
 
 def _print_json(value):
-    sys.stdout.write(json.dumps(value))
+    sys.stdout.write("\n" + json.dumps(value) + "\n")  # a line of its own
     sys.stdout.flush()
 
 

@@ -107,21 +107,26 @@ def wait_until(condition: Callable[[], bool], seconds: float = 10) -> bool:
 class Tapped(Transport):
     """A transport that lets a test see or alter the streams, and counts what was sent."""
 
-    def __init__(self, inner: Transport, *, on_write=None, on_read=None, before_write=None):
+    def __init__(
+        self, inner: Transport, *, on_write=None, on_read=None, before_write=None, prefix=()
+    ):
         self.inner = inner
         self.host = inner.host
+        self.prefix = list(prefix)  # put in front of every command line
         self.on_write = on_write or (lambda stream: stream)
         self.on_read = on_read or (lambda stream: stream)
         self.before_write = before_write or (lambda: None)
         self.bytes_sent = 0
 
     def run(self, argv, *, timeout, stdin=None, cwd=None):
-        return self.inner.run(argv, timeout=timeout, stdin=stdin, cwd=cwd)
+        return self.inner.run([*self.prefix, *argv], timeout=timeout, stdin=stdin, cwd=cwd)
 
     def run_writing(self, argv, write, *, timeout):
         self.before_write()
         return self.inner.run_writing(
-            argv, lambda stream: write(self.on_write(_Counting(stream, self))), timeout=timeout
+            [*self.prefix, *argv],
+            lambda stream: write(self.on_write(_Counting(stream, self))),
+            timeout=timeout,
         )
 
     def run_reading(self, argv, read, *, timeout):
@@ -328,6 +333,19 @@ def test_a_partial_upload_is_replaced(each_transport, tmp_path):
 
     upload_case(each_transport, case, str(remote), timeout=TIMEOUT)
 
+    assert snapshot(remote) == snapshot(case)
+
+
+def test_a_greeting_printed_before_the_command_is_tolerated(each_transport, tmp_path):
+    """Login scripts on some hosts print a line before any command runs."""
+    case = make_case(tmp_path)
+    greeting = ["sh", "-c", 'echo "Welcome to gpu1"; exec "$@"', "greeter"]
+    remote = tmp_path / "remote"
+
+    upload_case(Tapped(each_transport, prefix=greeting), case, str(remote), timeout=TIMEOUT)
+    again = upload_case(Tapped(each_transport, prefix=greeting), case, str(remote), timeout=TIMEOUT)
+
+    assert again.reused
     assert snapshot(remote) == snapshot(case)
 
 
