@@ -167,7 +167,8 @@ def remove_remote_dir(
     """Delete `remote_dir` on the host (after a verified download); a missing one is fine."""
     if remote_dir.strip().rstrip("/") in ("", ".", "..", "~"):
         raise ValueError(f"refusing to remove {remote_dir!r}")
-    _check(transport.run(_remote_command(python, "remove", remote_dir), timeout=timeout), remote_dir)
+    result = transport.run(_remote_command(python, "remove", remote_dir), timeout=timeout)
+    _check(result, remote_dir)
 
 
 # -- helpers -----------------------------------------------------------------------------

@@ -78,7 +78,8 @@ def snapshot(root: Path) -> dict[bytes, tuple]:
             elif stat.S_ISDIR(st.st_mode):
                 found[relative] = ("dir", stat.S_IMODE(st.st_mode))
             else:
-                found[relative] = ("file", stat.S_IMODE(st.st_mode), Path(os.fsdecode(path)).read_bytes())
+                content = Path(os.fsdecode(path)).read_bytes()
+                found[relative] = ("file", stat.S_IMODE(st.st_mode), content)
     return found
 
 
@@ -130,7 +131,9 @@ class Tapped(Transport):
         )
 
     def run_reading(self, argv, read, *, timeout):
-        return self.inner.run_reading(argv, lambda stream: read(self.on_read(stream)), timeout=timeout)
+        return self.inner.run_reading(
+            argv, lambda stream: read(self.on_read(stream)), timeout=timeout
+        )
 
 
 class _Counting:
@@ -195,7 +198,8 @@ def test_round_trip_keeps_everything_and_runs_nothing(each_transport, tmp_path):
     assert sent == got
     assert not sent.reused
     assert sent.file_count == 5 + len(ODD_NAMES)
-    assert sent.total_bytes == sum(p.stat().st_size for p in case.rglob("*") if p.is_file() and not p.is_symlink())
+    files = [path for path in case.rglob("*") if path.is_file() and not path.is_symlink()]
+    assert sent.total_bytes == sum(path.stat().st_size for path in files)
     assert leftovers(remote.parent) == [] and leftovers(tmp_path) == []
     assert_no_canary(tmp_path)
 
@@ -283,7 +287,9 @@ def test_a_file_changing_while_read_is_refused(each_transport, tmp_path):
             spots.write("3,4\n")
 
     with pytest.raises(CaseInputError, match="'beams/beam 1/spots.csv' changed while"):
-        upload_case(Tapped(each_transport, before_write=change_a_file), case, str(remote), timeout=TIMEOUT)
+        upload_case(
+            Tapped(each_transport, before_write=change_a_file), case, str(remote), timeout=TIMEOUT
+        )
 
     assert wait_until(lambda: leftovers(tmp_path) == [])
     assert not remote.exists()
@@ -386,7 +392,9 @@ def test_damaged_download_keeps_the_previous_results(each_transport, tmp_path):
     (dest / "old.txt").write_text("previous results")
 
     with pytest.raises(TransferVerificationFailed, match="'plan.dcm'"):
-        download_results(Tapped(each_transport, on_read=Corrupting), str(case), dest, timeout=TIMEOUT)
+        download_results(
+            Tapped(each_transport, on_read=Corrupting), str(case), dest, timeout=TIMEOUT
+        )
 
     assert snapshot(dest) == {b"old.txt": ("file", 0o644, b"previous results")}
     assert leftovers(tmp_path) == []
@@ -417,7 +425,9 @@ def test_connection_cut_during_download(sshd_factory, tmp_path):
         return stream
 
     with pytest.raises(HostUnreachable, match="connection lost"):
-        download_results(Tapped(transport, on_read=cut_on_first_read), str(results), dest, timeout=TIMEOUT)
+        download_results(
+            Tapped(transport, on_read=cut_on_first_read), str(results), dest, timeout=TIMEOUT
+        )
 
     assert not dest.exists() and leftovers(tmp_path) == []
 

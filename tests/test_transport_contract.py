@@ -25,7 +25,9 @@ def test_run_returns_output_and_exit_code(transport):
 
 def test_arguments_reach_the_command_exactly_and_are_never_run(transport, tmp_path):
     canary = tmp_path / "CANARY"
-    tricky = [f"$(touch {canary})", f"`touch {canary}`", f"; touch {canary}", "a b", "'\"", "-n", "\n"]
+    tricky = [
+        f"$(touch {canary})", f"`touch {canary}`", f"; touch {canary}", "a b", "'\"", "-n", "\n"
+    ]
 
     result = transport.run(["printf", "%s|", *tricky], timeout=20).check()
 

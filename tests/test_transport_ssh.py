@@ -91,7 +91,10 @@ def test_encrypted_key_with_its_passphrase(sshd, caplog):
 
 @pytest.mark.parametrize(
     ("passphrase", "problem"),
-    [(None, "is encrypted: set its passphrase"), ("not-it-4711", "cannot be read: wrong passphrase")],
+    [
+        (None, "is encrypted: set its passphrase"),
+        ("not-it-4711", "cannot be read: wrong passphrase"),
+    ],
 )
 def test_encrypted_key_without_the_right_passphrase(sshd, passphrase, problem):
     secret = SecretStr(passphrase) if passphrase else None

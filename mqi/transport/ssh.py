@@ -9,6 +9,9 @@ the same configuration, so the whole process holds one connection per host.
 Host keys are checked against a known_hosts file; an unknown key is recorded only when
 `accept_unknown_host_keys` is set. Passwords and passphrases are `SecretStr`s and appear in
 no message, log or repr.
+
+A command that times out has its channel closed; sshd sends a command without a terminal
+no signal, so it may run on. Work that must be stoppable runs under pueue.
 """
 
 from __future__ import annotations

@@ -256,7 +256,10 @@ class SshdFactory:
 
     def __call__(self) -> OpenSshServer:
         workdir = Path(tempfile.mkdtemp(prefix="sshd-", dir=self._root))
-        server = OpenSshServer(workdir)
+        try:
+            server = OpenSshServer(workdir)
+        except RuntimeError as missing:
+            pytest.fail(str(missing), pytrace=False)
         self._servers.append(server)
         server.start()
         return server
@@ -285,7 +288,9 @@ def ssh_transport(sshd):
     """An `SshTransport` to the session's server (its one shared connection)."""
     from mqi.transport.ssh import SshTransport
 
-    transport = SshTransport(**sshd.transport_params(), connect_attempts=3, first_backoff_seconds=0.2)
+    transport = SshTransport(
+        **sshd.transport_params(), connect_attempts=3, first_backoff_seconds=0.2
+    )
     yield transport
     transport.close()
 
