@@ -187,6 +187,8 @@ class SshTransport(Transport):
             except paramiko.ChannelException as error:
                 raise HostUnreachable(self.host, f"the server refused a session: {error}")
             except (paramiko.SSHException, OSError, EOFError) as error:
+                if transport.is_active():  # slow, not broken: other commands may be using it
+                    raise HostUnreachable(self.host, f"could not open a session: {error}")
                 self._forget(transport)
                 lost = error
         raise HostUnreachable(self.host, f"connection lost: {lost}")
