@@ -1,7 +1,8 @@
 """Case transfer speed: our verified tar stream against OpenSSH `scp -r`, same sshd, same run.
 
 Two data sets: one 200 MB file, and 2,000 files of 50 KB. Each is uploaded and downloaded
-both ways to a private sshd on 127.0.0.1; every figure is the median of --repeat runs.
+both ways to a private sshd on 127.0.0.1; every figure is the median of --repeat runs, ours
+and scp taking turns.
 Our transfer reuses its one SSH connection (that is the design: one connection per host per
 process); scp opens a new one each time, so the time of `ssh host true` is printed too.
 
@@ -47,13 +48,10 @@ def make_data(root: Path, big_mb: int, small_count: int) -> dict[str, Path]:
     return {f"one file of {big_mb} MB": big, f"{small_count} files of 50 KB": small}
 
 
-def median_seconds(action: Callable[[int], None], repeat: int) -> float:
-    times = []
-    for attempt in range(repeat):
-        started = time.perf_counter()
-        action(attempt)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def seconds(action: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
 
 
 class Bench:
@@ -65,8 +63,8 @@ class Bench:
         self.transport = SshTransport(**server.transport_params("bench"))
         self.transport.run(["true"], timeout=30).check()  # open the shared connection once
 
-    def fresh(self, label: str, attempt: int) -> Path:
-        path = self.scratch / f"{label}-{attempt}"
+    def fresh(self, label: str) -> Path:
+        path = self.scratch / label
         shutil.rmtree(path, ignore_errors=True)
         return path
 
@@ -81,32 +79,35 @@ class Bench:
         return f"{self.server.username}@{self.server.hostname}:{path}"
 
     def run_dataset(self, name: str, folder: Path) -> list[tuple[str, float, float]]:
-        up_ours = median_seconds(
-            lambda n: upload_case(
-                self.transport, folder, str(self.fresh("up-ours", n)),
+        """Median times; ours and scp take turns, so a busy machine slows both alike."""
+        actions = {
+            "up-ours": lambda: upload_case(
+                self.transport, folder, str(self.fresh("up-ours")),
                 timeout=TIMEOUT, python=self.python,
             ),
-            self.repeat,
-        )
-        up_scp = median_seconds(
-            lambda n: self.scp(str(folder), self.remote(self.fresh("up-scp", n))), self.repeat
-        )
-        down_ours = median_seconds(
-            lambda n: download_results(
-                self.transport, str(folder), self.fresh("down-ours", n),
+            "up-scp": lambda: self.scp(str(folder), self.remote(self.fresh("up-scp"))),
+            "down-ours": lambda: download_results(
+                self.transport, str(folder), self.fresh("down-ours"),
                 timeout=TIMEOUT, python=self.python,
             ),
-            self.repeat,
-        )
-        down_scp = median_seconds(
-            lambda n: self.scp(self.remote(folder), str(self.fresh("down-scp", n))), self.repeat
-        )
-        return [(f"upload {name}", up_ours, up_scp), (f"download {name}", down_ours, down_scp)]
+            "down-scp": lambda: self.scp(self.remote(folder), str(self.fresh("down-scp"))),
+        }  # fmt: skip
+        times: dict[str, list[float]] = {label: [] for label in actions}
+        for _ in range(self.repeat):
+            for label, action in actions.items():
+                times[label].append(seconds(action))
+        median = {label: statistics.median(values) for label, values in times.items()}
+        return [
+            (f"upload {name}", median["up-ours"], median["up-scp"]),
+            (f"download {name}", median["down-ours"], median["down-scp"]),
+        ]
 
     def connection_cost(self) -> float:
         command = ["ssh", "-p", str(self.server.port), *self.server.openssh_client_options(),
                    f"{self.server.username}@{self.server.hostname}", "true"]  # fmt: skip
-        return median_seconds(lambda n: subprocess.run(command, check=True), self.repeat)
+        return statistics.median(
+            seconds(lambda: subprocess.run(command, check=True)) for _ in range(self.repeat)
+        )
 
 
 def main() -> None:
