@@ -41,6 +41,10 @@ ODD_NAMES = [
     "-leading-dash",
     "--also=option",
     os.fsdecode(b"not-utf8-\xff\xfe"),
+    "ünïcødé ✓",
+    "back\\slash",
+    ".mqi-manifest.json",  # the name our stream gives its manifest: told apart by a mark
+    "x" * 200,  # longer than a plain tar header holds
 ]
 
 
