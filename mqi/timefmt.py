@@ -9,7 +9,9 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def show_time(moment: datetime | None, tz: tzinfo) -> str:
-    if moment is None:
-        return "-"
-    return moment.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S %z")
+def local_iso(moment: datetime | None, zone: tzinfo) -> str | None:
+    return None if moment is None else moment.astimezone(zone).isoformat()
+
+
+def local_text(moment: datetime | None, zone: tzinfo, format: str = "%Y-%m-%d %H:%M:%S") -> str:
+    return "" if moment is None else moment.astimezone(zone).strftime(format)

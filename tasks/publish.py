@@ -16,7 +16,7 @@ from mqi.ledger.states import CaseState
 from mqi.runtime import get_site, site_hooks
 from mqi.settings import Settings
 from mqi.site import Placement, Site, gpu_limit_name
-from mqi.timefmt import show_time
+from mqi.timefmt import local_text
 
 # A slot whose holder died is given back when its lease runs out unrenewed (renewed every
 # 75 % of this while the holder lives).
@@ -101,8 +101,8 @@ def publish_outcome(case: Case) -> str:
         ("state", case.state.value),
         ("host / group", f"{last.host} / {last.group}" if last else "-"),
         ("pueue task", f"{last.task_id} ({last.label})" if last else "-"),
-        ("submitted", show_time(last.submitted_at, tz) if last else "-"),
-        ("ended", show_time(last.ended_at, tz) if last else "-"),
+        ("submitted", local_text(last.submitted_at, tz, "%Y-%m-%d %H:%M:%S %z") if last else "-"),
+        ("ended", local_text(last.ended_at, tz, "%Y-%m-%d %H:%M:%S %z") if last else "-"),
         ("result", (last.result.value if last and last.result else "-")),
         ("results", case.results_path or "-"),
         ("failure", f"{case.failure_category}: {case.failure_message}" if case.failure_category else "-"),

@@ -19,6 +19,7 @@ from rich.cells import cell_len
 from mqi.cli.app import app, current_settings, db_app
 from mqi.ledger import Attempt, Case, CaseOverview, CaseState, Event, Ledger, LedgerError
 from mqi.ledger.store import display_text
+from mqi.timefmt import local_iso, local_text
 
 
 @dataclass(frozen=True)
@@ -32,14 +33,6 @@ def case_detail(ledger: Ledger, ref: str) -> CaseDetail:
     """A case (by id, uid or folder) with all its attempts and events."""
     case = ledger.find_case(ref)
     return CaseDetail(case, ledger.attempts(case.id), ledger.events(case.id))
-
-
-def local_iso(moment: datetime | None, zone: tzinfo) -> str | None:
-    return None if moment is None else moment.astimezone(zone).isoformat()
-
-
-def local_text(moment: datetime | None, zone: tzinfo, format: str = "%Y-%m-%d %H:%M:%S") -> str:
-    return "" if moment is None else moment.astimezone(zone).strftime(format)
 
 
 def age_text(since: datetime, now: datetime) -> str:

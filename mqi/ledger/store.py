@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TypeVar
 
 from sqlalchemy import Engine, func, select
@@ -30,6 +30,7 @@ from mqi.ledger.engine import (
     safe_url,
     writer_engine,
 )
+from mqi.timefmt import utc_now
 from mqi.ledger.models import AttemptRow, CaseRow, EventRow, GpuGroupRow, as_utc
 from mqi.ledger.records import Attempt, Case, CaseOverview, Event, GpuGroup
 from mqi.ledger.states import (
@@ -65,10 +66,6 @@ class CaseNotFound(LedgerError):
 
 class AttemptNotFound(LedgerError):
     """No attempt has this id."""
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def new_uid() -> str:
