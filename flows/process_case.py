@@ -13,6 +13,7 @@ from tasks.case_steps import (
     choose_placement,
     live_attempt,
     placement_of,
+    slot_candidates,
     record_outcome,
     register_case,
     submit_case,
@@ -44,9 +45,10 @@ def run_case(record: Case, host: str | None, group: str | None) -> str:
         placement = choose_placement(record, host, group)
         if not upload_case(record, placement):  # before taking the slot: the GPU never waits for us
             return publish_outcome(record)  # the folder itself is unusable: failed, never retried
+        candidates = slot_candidates(record, placement, group)  # any free group on that host
     else:
-        placement = placement_of(attempt)
-    with gpu_slot(placement):  # from submission until the task is finished or killed
+        candidates = [placement_of(attempt)]
+    with gpu_slot(candidates) as placement:  # from submission until the task is finished or killed
         attempt = submit_case(record, placement, attempt)
         outcome = wait_until_done(record, attempt)
     record_outcome(record, attempt, outcome)  # downloads after giving the slot back

@@ -75,6 +75,17 @@ def choose_placement(site: Site, case: Case, host: str | None = None, group: str
     return min(usable, key=lambda p: busy.get((p.host.name, p.group.name), 0) / p.group.slots)
 
 
+def slot_candidates(site: Site, case: Case, chosen: Placement, group: str | None) -> list[Placement]:
+    """The groups on the chosen host that may run the case, the chosen (least busy) one first."""
+    group = group or case.pinned_group
+    if group is not None:
+        return [chosen]
+    busy = live_attempts_per_group(site)
+    others = [site.placement(chosen.host.name, g.name) for g in chosen.host.groups if g.name != chosen.group.name]
+    others.sort(key=lambda p: busy.get((p.host.name, p.group.name), 0) / p.group.slots)
+    return [chosen, *others]
+
+
 def wait_for_placement(site: Site, case: Case, host: str | None, group: str | None,
                        sleep: Callable[[float], None] = time.sleep) -> Placement:
     """A case whose hosts are all down waits for one to come back; it does not fail."""

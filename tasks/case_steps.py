@@ -51,6 +51,11 @@ def choose_placement(case: Case, host: str | None, group: str | None) -> Placeme
     return casework.wait_for_placement(get_site(), case, host, group)
 
 
+@task(name="slot-candidates")
+def slot_candidates(case: Case, placement: Placement, group: str | None) -> list[Placement]:
+    return casework.slot_candidates(get_site(), case, placement, group)
+
+
 @task(name="placement-of-attempt")
 def placement_of(attempt: Attempt) -> Placement:
     return get_site().placement(attempt.host, attempt.group)

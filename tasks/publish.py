@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import time
+from contextlib import ExitStack, contextmanager
 
 from prefect import get_client, task
 from prefect.artifacts import create_markdown_artifact
@@ -21,6 +22,8 @@ from mqi.timefmt import local_text
 # A slot whose holder died is given back when its lease runs out unrenewed (renewed every
 # 75 % of this while the holder lives).
 SLOT_LEASE_SECONDS = 60
+SLOT_TRY_SECONDS = 1.0  # one try at a group's slot
+SLOT_RETRY_SECONDS, SLOT_RETRY_MAX_SECONDS = 1.0, 10.0  # between rounds over the candidate groups
 
 
 def ensure_gpu_limits(settings: Settings) -> None:
@@ -41,11 +44,32 @@ def ensure_gpu_limits(settings: Settings) -> None:
 
 
 @contextmanager
-def gpu_slot(placement: Placement):
-    """Hold one slot of the group's limit: from submission until the task is finished."""
-    with concurrency(placement.limit_name, occupy=1, strict=True, lease_duration=SLOT_LEASE_SECONDS,
-                     raise_on_lease_renewal_failure=False):
-        yield
+def gpu_slot(candidates: list[Placement]):
+    """Hold one free slot of the first candidate group that has one; yield that placement.
+
+    The slot is held from submission until the task is finished or killed. Trying each
+    group in turn (instead of queueing on one) lets a case take whichever GPU frees first.
+    """
+    delay = SLOT_RETRY_SECONDS
+    while True:
+        for placement in candidates:
+            held = _try_slot(placement.limit_name)
+            if held is not None:
+                with held:
+                    yield placement
+                return
+        time.sleep(delay)
+        delay = min(delay * 2, SLOT_RETRY_MAX_SECONDS)
+
+
+def _try_slot(limit_name: str) -> ExitStack | None:
+    stack = ExitStack()
+    try:
+        stack.enter_context(concurrency(limit_name, occupy=1, strict=True, timeout_seconds=SLOT_TRY_SECONDS,
+                                        lease_duration=SLOT_LEASE_SECONDS, raise_on_lease_renewal_failure=False))
+    except TimeoutError:
+        return None
+    return stack
 
 
 def _cell(value: object) -> str:
