@@ -98,10 +98,9 @@ class Ledger:
         parsed = parse_url(url)
         ledger = cls(create_ledger_engine(parsed), clock=clock)
         try:
-            if migrate:
-                ledger.upgrade()
-            else:
-                ledger.schema_revision()
+            # Many processes opening a new SQLite file at once may see it locked while one
+            # of them switches it to WAL: that is a lost race, run again like a write.
+            _retrying(ledger.upgrade if migrate else ledger.schema_revision)
         except DBAPIError as error:
             ledger.close()
             raise LedgerError(
