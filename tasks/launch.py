@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from prefect import get_client
 from prefect.client.schemas.filters import (
     FlowFilter,
@@ -18,21 +20,29 @@ from mqi.ledger.records import Case
 from mqi.runtime import get_site
 
 PROCESS_CASE_DEPLOYMENT = "process-case/process-case"
-NOT_STARTED = [StateType.SCHEDULED, StateType.PENDING]
+NOT_CLAIMED_YET = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
+# A served run is RUNNING seconds before its process has imported the flow and claimed the
+# case; without this grace the next scan launched the same case again. A RUNNING run older
+# than this without a claim is a dead process: its case may be launched anew.
+CLAIM_GRACE = timedelta(minutes=2)
 
 
 def running_case_ids() -> set[int]:
-    """Cases held by a live process, plus cases whose run is created but not started yet."""
+    """Cases held by a live process, plus cases whose run is created but has not claimed them yet."""
     site = get_site()
     ids = claimed_case_ids(site.settings.state_dir)
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=["process-case"])),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=NOT_STARTED))),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=NOT_CLAIMED_YET))
+            ),
         )
+    started_before = datetime.now(UTC) - CLAIM_GRACE
     for run in runs:
         ref = str(run.parameters.get("case", ""))
-        if ref.isdigit():
+        long_running = run.state_type is StateType.RUNNING and run.start_time and run.start_time < started_before
+        if ref.isdigit() and not long_running:
             ids.add(int(ref))
     return ids
 

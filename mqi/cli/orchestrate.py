@@ -20,6 +20,9 @@ from mqi.prefect_server import configure_prefect_env, use_prefect
 from mqi.settings import Settings
 
 PROCESS_CASE_LIMIT_PER_SLOT = 2  # one run holding each slot plus one waiting for it
+# How often the runner asks the server for runs to start. Prefect's default (10 s) came twice
+# into every case's start: once for the scan that registers it, once for its own run.
+RUNNER_QUERY_SECONDS = 1.0
 
 
 def prepare_prefect(settings: Settings) -> None:
@@ -130,18 +133,25 @@ def run() -> None:
 def serve_deployments(settings: Settings) -> None:
     """Serve process-case, scan-inbox and reconcile from this process until stopped."""
     from prefect import serve
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
     from flows.process_case import process_case
     from flows.reconcile import reconcile
     from flows.scan_inbox import scan_inbox
     from mqi.casework import total_slots
 
+    # One scan or reconcile at a time: overlapping scans launched the same case twice, and
+    # late runs piled up (each is a process start) until they filled the runner.
+    one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
     site = start_site(settings)
     serve(
         process_case.to_deployment(name="process-case"),
-        scan_inbox.to_deployment(name="scan-inbox", interval=settings.inbox.scan_seconds),
-        reconcile.to_deployment(name="reconcile", interval=max(60.0, settings.case.poll_seconds)),
+        scan_inbox.to_deployment(name="scan-inbox", interval=settings.inbox.scan_seconds,
+                                 concurrency_limit=one_at_a_time),
+        reconcile.to_deployment(name="reconcile", interval=max(60.0, settings.case.poll_seconds),
+                                concurrency_limit=one_at_a_time),
         limit=total_slots(site) * PROCESS_CASE_LIMIT_PER_SLOT + 2,
+        query_seconds=RUNNER_QUERY_SECONDS,
     )
 
 
