@@ -48,7 +48,7 @@ def run_case(record: Case, host: str | None, group: str | None) -> str:
         candidates = slot_candidates(record, placement, group)  # any free group on that host
     else:
         candidates = [placement_of(attempt)]
-    with gpu_slot(candidates) as placement:  # from submission until the task is finished or killed
+    with gpu_slot(record, candidates) as placement:  # from submission until the task is finished or killed
         attempt = submit_case(record, placement, attempt)
         outcome = wait_until_done(record, attempt)
     record_outcome(record, attempt, outcome)  # downloads after giving the slot back

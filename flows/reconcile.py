@@ -5,13 +5,13 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from mqi import casework
+from mqi import casework, claims
 from mqi.host_report import artifact_rows, host_reports
 from mqi.ledger.states import AttemptResult, CaseState
 from mqi.runtime import get_site
 from mqi.transport.base import TransportError
 from tasks.launch import launch_cases, running_case_ids
-from tasks.publish import held_slots
+from tasks.publish import held_slots, release_orphaned_lease
 
 
 @task(name="adopt-unknown-tasks")
@@ -49,6 +49,17 @@ def resume_orphaned_cases() -> list[str]:
     return [f"case {c.name}: resumed from {c.state.value}" for c in orphans]
 
 
+@task(name="release-orphaned-slots")
+def release_orphaned_slots() -> list[str]:
+    """GPU slots recorded by processes that died are given back at once."""
+    state_dir = get_site().settings.state_dir
+    notes = []
+    for case_id in claims.orphaned_leases(state_dir):
+        if release_orphaned_lease(state_dir, case_id):
+            notes.append(f"case {case_id}: released the GPU slot of its dead flow run")
+    return notes
+
+
 @task(name="report-held-slots")
 def report_held_slots() -> list[str]:
     """GPU slots held in Prefect beyond the live attempts the ledger knows of."""
@@ -73,8 +84,8 @@ def report_hosts() -> list[str]:
 @flow(name="reconcile")
 def reconcile() -> list[str]:
     """Adopt lost task ids, retry kills, resume orphaned cases, report stray GPU slots."""
-    notes = (adopt_unknown_tasks() + retry_unconfirmed_kills() + resume_orphaned_cases() + report_held_slots()
-             + report_hosts())
+    notes = (adopt_unknown_tasks() + release_orphaned_slots() + retry_unconfirmed_kills() + resume_orphaned_cases()
+             + report_held_slots() + report_hosts())
     for note in notes:
         get_run_logger().info(note)
     if notes:

@@ -53,3 +53,44 @@ def claimed_case_ids(state_dir: Path) -> set[int]:
         return set()
     ids = {int(p.stem) for p in folder.glob("*.lock") if p.stem.isdigit()}
     return {case_id for case_id in ids if is_claimed(state_dir, case_id)}
+
+
+# A process holding a GPU slot records the slot's lease here, so that the slot of a process
+# that died can be given back at once (reconcile, or the case's next run) instead of waiting
+# for the lease to expire.
+
+
+def _lease_path(state_dir: Path, case_id: int) -> Path:
+    return _lock_path(state_dir, case_id).with_suffix(".lease")
+
+
+def record_lease(state_dir: Path, case_id: int, lease_id: str) -> None:
+    path = _lease_path(state_dir, case_id)
+    temporary = path.with_suffix(".lease.tmp")
+    temporary.write_text(lease_id)
+    temporary.replace(path)
+
+
+def forget_lease(state_dir: Path, case_id: int) -> None:
+    _lease_path(state_dir, case_id).unlink(missing_ok=True)
+
+
+def recorded_lease(state_dir: Path, case_id: int) -> str | None:
+    try:
+        return _lease_path(state_dir, case_id).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def orphaned_leases(state_dir: Path) -> dict[int, str]:
+    """Slot leases recorded by processes that are gone: {case id: lease id}."""
+    folder = state_dir / "claims"
+    if not folder.is_dir():
+        return {}
+    leases = {}
+    for path in folder.glob("*.lease"):
+        if path.stem.isdigit() and not is_claimed(state_dir, int(path.stem)):
+            lease = recorded_lease(state_dir, int(path.stem))
+            if lease:
+                leases[int(path.stem)] = lease
+    return leases

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
+from uuid import UUID
 
 from prefect import get_client, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-from prefect.concurrency.sync import concurrency
 from prefect.events import emit_event
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
+from mqi import claims
 from mqi.ledger.records import Case
 from mqi.ledger.states import CaseState
 from mqi.runtime import get_site, site_hooks
@@ -19,10 +22,11 @@ from mqi.settings import Settings
 from mqi.site import Placement, Site, gpu_limit_name
 from mqi.timefmt import local_text
 
-# A slot whose holder died is given back when its lease runs out unrenewed (renewed every
-# 75 % of this while the holder lives).
+log = logging.getLogger(__name__)
+
+# A slot whose holder died is given back when its lease runs out unrenewed (a third of this
+# between renewals while the holder lives), or at once by reconcile or the case's next run.
 SLOT_LEASE_SECONDS = 60
-SLOT_TRY_SECONDS = 1.0  # one try at a group's slot
 SLOT_RETRY_SECONDS, SLOT_RETRY_MAX_SECONDS = 1.0, 10.0  # between rounds over the candidate groups
 
 
@@ -44,32 +48,82 @@ def ensure_gpu_limits(settings: Settings) -> None:
 
 
 @contextmanager
-def gpu_slot(candidates: list[Placement]):
+def gpu_slot(case: Case, candidates: list[Placement]):
     """Hold one free slot of the first candidate group that has one; yield that placement.
 
-    The slot is held from submission until the task is finished or killed. Trying each
-    group in turn (instead of queueing on one) lets a case take whichever GPU frees first.
+    The slot is held from submission until the task is finished or killed. Trying each group
+    in turn (instead of queueing on one) lets a case take whichever GPU frees first. The
+    slot's lease is renewed while this process lives and recorded in state_dir, so a dead
+    process's slot is released by the case's next run or by reconcile.
     """
+    state_dir = get_site().settings.state_dir
+    release_orphaned_lease(state_dir, case.id)
     delay = SLOT_RETRY_SECONDS
     while True:
         for placement in candidates:
-            held = _try_slot(placement.limit_name)
-            if held is not None:
-                with held:
-                    yield placement
+            lease_id = _take_slot(placement.limit_name)
+            if lease_id is not None:
+                claims.record_lease(state_dir, case.id, lease_id)
+                try:
+                    with _renewing(lease_id):
+                        yield placement
+                finally:
+                    _release_lease(lease_id)
+                    claims.forget_lease(state_dir, case.id)
                 return
         time.sleep(delay)
         delay = min(delay * 2, SLOT_RETRY_MAX_SECONDS)
 
 
-def _try_slot(limit_name: str) -> ExitStack | None:
-    stack = ExitStack()
+def _take_slot(limit_name: str) -> str | None:
+    """A lease on one slot of the limit, or None when all its slots are taken."""
+    with get_client(sync_client=True) as client:
+        try:
+            response = client.increment_concurrency_slots_with_lease(
+                names=[limit_name], slots=1, mode="concurrency", lease_duration=SLOT_LEASE_SECONDS
+            )
+        except PrefectHTTPStatusError as exc:
+            if exc.response.status_code == 423:  # locked: no free slot
+                return None
+            raise
+    return str(response.json()["lease_id"])
+
+
+def _release_lease(lease_id: str) -> None:
+    with get_client(sync_client=True) as client:
+        client.release_concurrency_slots_with_lease(UUID(lease_id))
+
+
+def release_orphaned_lease(state_dir, case_id: int) -> bool:
+    """Give back the slot a dead earlier run of this case still holds; True if there was one."""
+    lease_id = claims.recorded_lease(state_dir, case_id)
+    if lease_id is None:
+        return False
+    _release_lease(lease_id)  # an expired or unknown lease is simply gone already
+    claims.forget_lease(state_dir, case_id)
+    return True
+
+
+@contextmanager
+def _renewing(lease_id: str):
+    """Renew the lease in the background while the block runs (a crash stops renewing)."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(SLOT_LEASE_SECONDS / 3):
+            try:
+                with get_client(sync_client=True) as client:
+                    client.renew_concurrency_lease(UUID(lease_id), SLOT_LEASE_SECONDS)
+            except Exception as exc:  # the server may be briefly away: try again next round
+                log.warning("could not renew GPU slot lease %s: %s", lease_id, exc)
+
+    renewer = threading.Thread(target=renew, name=f"slot-lease-{lease_id[:8]}", daemon=True)
+    renewer.start()
     try:
-        stack.enter_context(concurrency(limit_name, occupy=1, strict=True, timeout_seconds=SLOT_TRY_SECONDS,
-                                        lease_duration=SLOT_LEASE_SECONDS, raise_on_lease_renewal_failure=False))
-    except TimeoutError:
-        return None
-    return stack
+        yield
+    finally:
+        stop.set()
+        renewer.join()
 
 
 def _cell(value: object) -> str:

@@ -35,16 +35,22 @@ def worker_site(tmp_path, prefect_server, sshd, fake_pueue):
                             capture_output=True, text=True)
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     pause_schedules()  # the tests call scan-inbox themselves
-    worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "mqi"], cwd=tmp_path, env=env,
-                              stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    (tmp_path / "worker.env").write_text(yaml.safe_dump(env))
     site = start(settings)
+    site.test_worker = start_worker(tmp_path)
     yield site, tmp_path
-    worker.terminate()
+    site.test_worker.terminate()
     try:
-        worker.wait(30)
+        site.test_worker.wait(30)
     except subprocess.TimeoutExpired:
-        os.killpg(worker.pid, 9)
+        os.killpg(site.test_worker.pid, 9)
+
+
+def start_worker(root: Path) -> subprocess.Popen:
+    env = yaml.safe_load((root / "worker.env").read_text())
+    return subprocess.Popen([*PREFECT, "worker", "start", "--pool", "mqi"], cwd=root, env=env,
+                            stdout=open(root / "worker.log", "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def pause_schedules() -> None:
@@ -130,9 +136,51 @@ def test_cancelling_the_flow_run_kills_the_remote_task(worker_site):
     wait_for(lambda: _flow_run_state(run.id).is_cancelled(), timeout=60, what="the flow run to be cancelled")
 
 
+def kill_processes_of_flow_run(flow_run_id) -> int:
+    """SIGKILL every process running this flow run (the worker starts each in its own session)."""
+    killed = 0
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in environ.read_bytes():
+                os.kill(int(environ.parent.name), 9)
+                killed += 1
+        except (OSError, ValueError):
+            continue
+    return killed
+
+
 def _running_case(site, folder):
     try:
         case = site.ledger.find_case(str(folder))
     except CaseNotFound:
         return None
     return case if case.state is CaseState.RUNNING else None
+
+
+def test_reconcile_resumes_a_case_whose_worker_died_with_one_remote_task(worker_site, fake_pueue):
+    from flows.reconcile import reconcile
+    from prefect.deployments import run_deployment
+
+    site, root = worker_site
+    folder = make_case(root, "orphan-case")
+    (folder / "SLOW").write_text("")  # keeps running while its flow run dies
+    run = run_deployment("process-case/process-case", parameters={"case": str(folder)}, timeout=0)
+    case = wait_for(lambda: _running_case(site, folder), timeout=120, what="the case to run")
+
+    # The worker and its flow-run process die together, as in a reboot of the control PC.
+    os.killpg(site.test_worker.pid, 9)
+    site.test_worker.wait()
+    assert kill_processes_of_flow_run(run.id) >= 1
+    (folder / "SLOW").unlink()  # the remote copy still sleeps; end it so the case can finish
+    pid = int(wait_for(lambda: (root / "remote" / case.uid / "engine.pid").read_text(), what="engine pid"))
+    os.kill(pid, 9)  # the engine dies: pueue records Killed, and the case fails, once
+    site.test_worker = start_worker(root)
+
+    notes = reconcile()
+
+    assert any("orphan-case: resumed" in note for note in notes)
+    wait_for(lambda: site.ledger.find_case(str(folder)).state is CaseState.FAILED, timeout=180,
+             what="the resumed case to finish")
+    tasks = [t for t in fake_pueue.status()["tasks"].values() if t["label"].startswith(f"mqi-{case.uid}")]
+    assert len(tasks) == 1 and len(site.ledger.attempts(case.id)) == 1
+    assert site.ledger.attempts(case.id)[0].result is AttemptResult.KILLED
