@@ -399,14 +399,29 @@ def _compare(sent, received):
 # -- putting a folder in place ---------------------------------------------------------
 
 
+# Hidden siblings must fit in a file name (255 bytes) however long the folder's own name is.
+SIBLING_NAME_BYTES = 160
+
+
+def _sibling_prefix(name):
+    """'.<name>.mqi-', the start of every hidden sibling of `name`; a long name is cut and a
+    hash of the whole name keeps it apart from others that start the same way."""
+    encoded = os.fsencode(name)
+    if len(encoded) > SIBLING_NAME_BYTES:
+        digest = hashlib.sha256(encoded).hexdigest()[:12].encode()
+        name = os.fsdecode(encoded[: SIBLING_NAME_BYTES - len(digest) - 1] + b"~" + digest)
+    return "." + name + ".mqi-"
+
+
 def staging_folder(final):
     """A new empty hidden sibling of `final` to receive into; stale ones are removed."""
     parent, name = os.path.split(os.path.abspath(final))
     os.makedirs(parent, exist_ok=True)
+    prefix = _sibling_prefix(name)
     for sibling in os.listdir(parent):
-        if sibling.startswith("." + name + ".mqi-"):
+        if sibling.startswith(prefix):
             shutil.rmtree(os.path.join(parent, sibling), ignore_errors=True)
-    staged = tempfile.mkdtemp(prefix="." + name + ".mqi-partial-", dir=parent)
+    staged = tempfile.mkdtemp(prefix=prefix + "partial-", dir=parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staged, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
@@ -420,7 +435,7 @@ def put_in_place(staged, final):
         os.rename(staged, final)
         return
     parent, name = os.path.split(final)
-    old = tempfile.mkdtemp(prefix="." + name + ".mqi-old-", dir=parent)
+    old = tempfile.mkdtemp(prefix=_sibling_prefix(name) + "old-", dir=parent)
     os.rename(final, os.path.join(old, name))
     os.rename(staged, final)
     shutil.rmtree(old, ignore_errors=True)
