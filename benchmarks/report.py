@@ -44,6 +44,7 @@ def verdict(met: bool | None) -> str:
 def machine() -> dict[str, str]:
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load average at the start (1, 5, 15 min)": _load(),
         "cpu": _cpu_model(),
         "cores": str(os.cpu_count()),
         "memory": f"{_memory_gib():.1f} GiB",
@@ -54,6 +55,11 @@ def machine() -> dict[str, str]:
         "sqlalchemy": version("sqlalchemy"),
         "OpenSSH": _openssh_version(),
     }
+
+
+def _load() -> str:
+    # Other work on the machine inflates every figure: the load says how much there was.
+    return " / ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
 def _cpu_model() -> str:
@@ -82,6 +88,7 @@ def markdown(sections: list[Section], facts: dict[str, str], command: str) -> st
         "| machine | |",
         "| --- | --- |",
         *(f"| {key} | {value} |" for key, value in facts.items() if key != "date"),
+        f"| load average when written (1, 5, 15 min) | {_load()} |",
         "",
     ]
     for section in sections:
