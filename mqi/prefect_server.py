@@ -105,6 +105,7 @@ class EmbeddedPrefectServer:
         self.port = port
         self.log_path = log_path
         self._record_path = record_path
+        self._home = record_path.parent
 
     @property
     def ui_url(self) -> str:
@@ -164,7 +165,8 @@ class EmbeddedPrefectServer:
 
     def _wait_until_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not _healthy(self.api_url, timeout=2.0):
+        # Another server may answer on the same port (a race for 4200): only ours will do.
+        while not (_healthy(self.api_url, timeout=2.0) and _serves_home(self.api_url, self._home)):
             if self.process.poll() is not None:
                 raise MqiError(
                     f"the embedded Prefect server exited with code {self.process.returncode} "
@@ -228,6 +230,15 @@ def _preferred_or_free_port() -> int:
 
 # The server is on loopback: an HTTP proxy from the environment must not be asked for it.
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _serves_home(api_url: str, home: Path) -> bool:
+    """True when the server at `api_url` is the one whose PREFECT_HOME is `home`."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/admin/settings", timeout=5) as response:
+            return Path(json.load(response).get("home", "")) == home
+    except (OSError, ValueError):
+        return False
 
 
 def _healthy(api_url: str, *, timeout: float) -> bool:
