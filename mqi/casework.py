@@ -343,6 +343,7 @@ def download(site: Site, case: Case, attempt: Attempt, actor: str) -> Path:
         site.ledger.transition(case.id, CaseState.DOWNLOADING, actor=actor, attempt_id=attempt.id,
                                message="fetching results")
     dest = results_dir(site, case)
+    dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # results are patient data: owner only
     remote_output = f"{attempt.remote_dir}/{site.settings.case.output_subdir}"
     transport = site.transport(attempt.host)
     # A broken download leaves the case in `downloading` with its attempt live; the results

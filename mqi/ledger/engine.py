@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def _sqlite_engine(url: URL) -> Engine:
             "give a file, e.g. sqlite:///./mqi.db"
         )
     if not url.database.startswith("file:"):
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        _create_private(Path(url.database))
     engine = create_engine(url)
 
     @event.listens_for(engine, "connect")
@@ -79,6 +80,16 @@ def _sqlite_engine(url: URL) -> Engine:
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def _create_private(database: Path) -> None:
+    """Create a new SQLite file readable by its owner only: the ledger names patients' cases.
+    SQLite gives its -wal and -shm files the same mode. An existing file is left as it is."""
+    database.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
 
 
 def writer_engine(engine: Engine) -> Engine:
