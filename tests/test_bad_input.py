@@ -1,0 +1,298 @@
+"""A catalogue of bad input: each gets a clear error or works, and never stops other cases.
+
+Folder names and contents go end to end through process-case (real sshd, the pueue
+stand-in) in one batch, so a bad case sits among good ones; settings, pueue output and
+queue refusals are checked where they enter. docs/reliability.md lists the catalogue.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from mqi.errors import ConfigError
+from mqi.ledger.states import CaseState, FailureCategory
+from mqi.queue.pueue import PueueQueue
+from mqi.queue.pueue_json import PueueOutputError
+from mqi.settings import load_settings
+from mqi.transport.local import LocalTransport
+from tests.support.faults import partial_bytes, small_filesystem
+from tests.test_process_case import _state, run_case, settings_for, ssh_host, start, wait_for
+
+ENGINE = "mkdir -p output && find . -path ./output -prune -o -type f -print | sort > output/listing"
+CANARY = "MQI_CANARY"
+SHELL_BAIT = f"touch {CANARY}"  # relative: lands in whatever folder a shell ran it
+
+#: odd but valid folder names: each case must complete, its results under its own name
+ODD_NAMES = {
+    "spaces": "case with  spaces",
+    "quotes": "it's a \"quoted\" case",
+    "semicolon": f"case; {SHELL_BAIT}",
+    "command substitution": f"$({SHELL_BAIT})",
+    "backticks": f"`{SHELL_BAIT}`",
+    "newline": "first line\nsecond line",
+    "leading dash": "-rf --no-preserve-root",
+    "glob characters": "case*?[0-9]",
+    "very long (250 bytes)": "L" * 250,
+}
+NON_UTF8_NAME = b"caf\xe9-latin1"
+
+
+def canaries(tmp_path: Path) -> list[Path]:
+    """Canary files anywhere a shell could have run: the test folders, here, home."""
+    places = [tmp_path.rglob(CANARY), [Path.cwd() / CANARY, Path.home() / CANARY]]
+    return [path for found in places for path in found if path.exists()]
+
+
+def _inbox(tmp_path: Path) -> Path:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(exist_ok=True)
+    return inbox
+
+
+def good_case(inbox: Path, name: str | bytes) -> Path:
+    folder = Path(os.fsdecode(os.path.join(os.fsencode(inbox), os.fsencode(name))))
+    folder.mkdir()
+    (folder / "RTPLAN.dcm").write_bytes(b"DICM")
+    (folder / f"beam $({SHELL_BAIT}).log").write_text("spot,mu\n")  # a file name as bait too
+    return folder
+
+
+#: bad case folders: (how to make it, expected failure text); each fails alone with INPUT
+def _absolute_symlink(folder: Path) -> None:
+    (folder / "plan.dcm").symlink_to("/etc/passwd")
+
+
+def _escaping_symlink(folder: Path) -> None:
+    (folder / "up").symlink_to("../../..")
+
+
+def _fifo(folder: Path) -> None:
+    os.mkfifo(folder / "pipe")
+
+
+def _device(folder: Path) -> None:
+    os.mknod(folder / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+
+
+BAD_CONTENTS = {
+    "symlink to an absolute path": (_absolute_symlink, "symbolic link to an absolute path"),
+    "symlink leaving the case": (_escaping_symlink, "symbolic link leaving the folder"),
+    "named pipe": (_fifo, "not a file"),
+    "device file": (_device, "not a file"),
+}
+
+
+def test_odd_names_and_bad_contents_in_one_batch(tmp_path, sshd, fake_pueue):
+    fake_pueue.add_group("gpu", 4)
+    host = ssh_host(tmp_path, sshd, fake_pueue, groups=({"name": "gpu", "slots": 4},))
+    site = start(settings_for(tmp_path, [host], command=ENGINE))
+    inbox = _inbox(tmp_path)
+    good = {label: good_case(inbox, name) for label, name in ODD_NAMES.items()}
+    good["non-UTF-8 bytes"] = good_case(inbox, NON_UTF8_NAME)
+    good["empty folder"] = inbox / "empty"
+    good["empty folder"].mkdir()
+    bad = {}
+    for label, (spoil, _) in BAD_CONTENTS.items():
+        bad[label] = good_case(inbox, f"bad {label}")
+        spoil(bad[label])
+
+    # as scan-inbox does: registered from the folder, then processed by id (a non-UTF-8
+    # path cannot travel as a Prefect parameter)
+    ids = [str(site.ledger.register_case(f, actor="scan-inbox")[0].id) for f in [*good.values(), *bad.values()]]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        states = dict(zip([*good, *bad], pool.map(run_case, ids)))
+
+    for label, folder in good.items():
+        case = site.ledger.find_case(str(folder))
+        assert states[label] == "completed", f"{label}: {case.state} {case.failure_message}"
+        listing = (Path(case.results_path) / "listing").read_text()
+        assert listing == ("" if label == "empty folder" else f"./RTPLAN.dcm\n./beam $({SHELL_BAIT}).log\n")
+    for label, folder in bad.items():
+        case = site.ledger.find_case(str(folder))
+        assert states[label] == "failed" and case.failure_category is FailureCategory.INPUT, label
+        assert BAD_CONTENTS[label][1] in case.failure_message and str(folder) in case.failure_message
+        assert site.ledger.attempts(case.id) == [], f"{label}: submitted although its input was refused"
+    assert canaries(tmp_path) == [], "a name was executed by a shell"
+
+
+def test_case_folder_changed_while_uploading_fails_as_input(tmp_path, sshd, fake_pueue):
+    host = ssh_host(tmp_path, sshd, fake_pueue)
+    site = start(settings_for(tmp_path, [host], command=ENGINE))
+    folder = good_case(_inbox(tmp_path), "growing")
+    big = folder / "machine.log"
+    big.write_bytes(b"x" * 48 * 2**20)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        state = pool.submit(run_case, folder)
+        wait_for(lambda: _state(site, folder) is not None, what="registration")
+        uid = site.ledger.find_case(str(folder)).uid
+        wait_for(lambda: partial_bytes(Path(host["workdir"]), uid) > 0, timeout=60, what="the upload")
+        with big.open("ab") as grow:
+            grow.write(b"more lines written by the machine")
+        assert state.result(timeout=60) == "failed"
+    case = site.ledger.find_case(str(folder))
+    assert case.failure_category is FailureCategory.INPUT
+    assert "'machine.log' changed while the folder was being read" in case.failure_message
+    assert not (Path(host["workdir"]) / uid).exists(), "a partial upload was put in place"
+
+
+def test_case_folder_gone_before_upload_fails_as_input(tmp_path, sshd, fake_pueue):
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command=ENGINE))
+    folder = good_case(_inbox(tmp_path), "vanishing")
+    case, _ = site.ledger.register_case(folder)
+    folder.rename(folder.with_name("moved away"))
+
+    assert run_case(str(case.id)) == "failed"
+    case = site.ledger.get_case(case.id)
+    assert case.failure_category is FailureCategory.INPUT and "does not exist" in case.failure_message
+
+
+# -- hosts and queues that refuse ----------------------------------------------------------
+
+
+def test_group_unknown_to_pueue_fails_the_case_clearly_and_others_go_on(tmp_path, sshd, fake_pueue):
+    groups = ({"name": "default", "slots": 1}, {"name": "nosuch", "slots": 1})
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue, groups=groups)], command=ENGINE))
+    inbox = _inbox(tmp_path)
+    wrong, right = good_case(inbox, "wrong-group"), good_case(inbox, "right-group")
+
+    with pytest.raises(Exception, match="no pueue group 'nosuch' on this host"):
+        run_case(wrong, group="nosuch")
+    assert run_case(right, group="default") == "completed"
+    assert _state(site, wrong) is not CaseState.COMPLETED
+    assert len(fake_pueue.status()["tasks"]) == 1
+
+
+def test_paused_group_accepts_the_task_which_waits_until_started(tmp_path, sshd, fake_pueue):
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command=ENGINE))
+    fake_pueue.pause_group("default")
+    folder = good_case(_inbox(tmp_path), "paused-group")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        state = pool.submit(run_case, folder)
+        wait_for(lambda: _state(site, folder) is CaseState.QUEUED, timeout=60, what="the task to be queued")
+        from mqi.host_report import check_host
+
+        report = check_host(site, site.settings.hosts[0], timeout=15)
+        assert [(g.name, g.on_host, g.queued) for g in report.groups] == [("default", "paused", 1)]
+        fake_pueue.start_group("default")
+        assert state.result(timeout=60) == "completed"
+
+
+def test_missing_remote_workdir_is_created(tmp_path, sshd, fake_pueue):
+    host = ssh_host(tmp_path, sshd, fake_pueue) | {"workdir": str(tmp_path / "not" / "yet" / "there")}
+    start(settings_for(tmp_path, [host], command=ENGINE))
+    assert run_case(good_case(_inbox(tmp_path), "new-workdir")) == "completed"
+
+
+def test_remote_workdir_that_cannot_exist_is_a_clear_error(tmp_path, sshd, fake_pueue):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    host = ssh_host(tmp_path, sshd, fake_pueue) | {"workdir": str(blocker / "work")}
+    site = start(settings_for(tmp_path, [host], command=ENGINE))
+    folder = good_case(_inbox(tmp_path), "impossible-workdir")
+
+    with pytest.raises(Exception, match="Not a directory|not a folder"):
+        run_case(folder)
+    assert _state(site, folder) is not CaseState.COMPLETED
+    assert fake_pueue.status()["tasks"] == {}
+
+
+@pytest.fixture
+def tiny_remote_disk(tmp_path):
+    with small_filesystem(tmp_path / "remote", "1m") as mount_point:
+        yield mount_point
+
+
+def test_full_remote_disk_is_a_clear_error_and_nothing_is_submitted(tmp_path, sshd, fake_pueue, tiny_remote_disk):
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command=ENGINE))
+    folder = good_case(_inbox(tmp_path), "too-big")
+    (folder / "machine.log").write_bytes(os.urandom(4 * 2**20))
+
+    with pytest.raises(Exception, match="No space left on device"):
+        run_case(folder)
+    assert _state(site, folder) is not CaseState.COMPLETED
+    assert fake_pueue.status()["tasks"] == {}
+    assert list(tiny_remote_disk.iterdir()) == [], "a partial upload was left on the host"
+
+
+# -- pueue output we cannot read -------------------------------------------------------------
+
+
+def stub_pueue(tmp_path: Path, output: str) -> str:
+    """A `pueue` that prints `output` whatever it is asked."""
+    (tmp_path / "out.txt").write_text(output)
+    script = tmp_path / "pueue"
+    script.write_text(f"#!/bin/sh\ncat {tmp_path / 'out.txt'}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+PUEUE_OUTPUTS = {
+    "not JSON": "Error: the daemon is restarting\n",
+    "truncated JSON": '{"tasks": {"0": {"id": 0, "label": "mqi-x", "status": ',
+    "empty output": "",
+    "an unknown version's shape": '{"version": 9, "queue": [{"task": 0, "state": "running"}]}',
+    "tasks of the wrong type": '{"tasks": [1, 2, 3], "groups": {}}',
+}
+
+
+@pytest.mark.parametrize("output", PUEUE_OUTPUTS.values(), ids=PUEUE_OUTPUTS.keys())
+def test_unreadable_pueue_status_is_a_clear_error(tmp_path, output):
+    queue = PueueQueue(LocalTransport("gpu-7"), pueue=stub_pueue(tmp_path, output))
+    with pytest.raises(PueueOutputError, match=r"host 'gpu-7': cannot read the output of `pueue status"):
+        queue.snapshot()
+
+
+# -- settings --------------------------------------------------------------------------------
+
+
+def write_yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "mqi.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+SSH_HOST = """
+  - name: gpu1
+    transport: ssh
+    queue: pueue
+    hostname: 127.0.0.1
+    username: mqi
+    key_file: {key}
+    groups: [{{name: gpu0}}]
+"""
+
+BAD_SETTINGS = {
+    "unknown key": ("hosts: [{name: a, groups: [{name: g}]}]\nresult_dir: x\n", "result_dir: unknown key"),
+    "duplicate host names": ("hosts:\n  - {name: a, groups: [{name: g}]}\n  - {name: a, groups: [{name: g}]}\n",
+                             "duplicate host names: a"),
+    "duplicate group names": ("hosts:\n  - {name: a, groups: [{name: g}, {name: g}]}\n", "duplicate"),
+    "missing key file": ("hosts:" + SSH_HOST.format(key="/nonexistent/id_ed25519"),
+                         "key_file '/nonexistent/id_ed25519' does not exist"),
+    "zero slots": ("hosts: [{name: a, groups: [{name: g, slots: 0}]}]\n", "slots"),
+    "unknown time zone": ("timezone: Mars/Olympus\n", "unknown time zone 'Mars/Olympus'"),
+    "not a database URL": ("ledger: {url: 'mqi.db'}\n", "ledger"),
+    "a name that is a shell command": ("hosts: [{name: 'a;rm -rf /', groups: [{name: g}]}]\n", "hosts.0.name"),
+}
+
+
+@pytest.mark.parametrize("text,expected", BAD_SETTINGS.values(), ids=BAD_SETTINGS.keys())
+def test_invalid_settings_name_the_problem(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as raised:
+        load_settings(write_yaml(tmp_path, text))
+    assert expected in str(raised.value)
+
+
+def test_pin_to_an_unknown_group_is_refused_by_name(tmp_path):
+    from mqi import casework
+    from mqi.runtime import use_settings
+
+    site = use_settings(settings_for(tmp_path, [{"name": "h", "groups": [{"name": "gpu0"}]}]))
+    case, _ = site.ledger.register_case(good_case(_inbox(tmp_path), "pinned"))
+    with pytest.raises(Exception, match="no configured group matches host='h' group='gpu9'"):
+        casework.choose_placement(site, case, "h", "gpu9")

@@ -1,0 +1,201 @@
+"""Host, network, queue and disk faults while cases run, end to end (real sshd, pueue stand-in).
+
+Every test ends by checking what an operator relies on: the right final state, one remote
+task per attempt, and results that are either complete and verified or absent.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from mqi.host_report import check_host
+from mqi.ledger.states import AttemptResult, CaseState, FailureCategory
+from tests.support.faults import (
+    partial_bytes,
+    small_filesystem,
+    sqlite_write_lock,
+    staging_leftovers,
+    tasks_labelled,
+    tree_digest,
+)
+from tests.test_process_case import _state, make_case, run_case, settings_for, ssh_host, start, wait_for
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+OUTPUT = "mkdir -p output && cp RTPLAN.dcm output/dose.dcm"
+BIG = 48 * 2**20
+
+
+def run_in_background(folder: Path) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["state"] = run_case(folder)
+        except BaseException as exc:  # noqa: BLE001 (reported by the test)
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=target, daemon=True)
+    runner.start()
+    return runner, outcome
+
+
+def assert_completed_once(site, fake_pueue, folder: Path) -> None:
+    case = site.ledger.find_case(str(folder))
+    assert case.state is CaseState.COMPLETED, f"{case.name}: {case.state} {case.failure_message}"
+    [attempt] = site.ledger.attempts(case.id)
+    assert tasks_labelled(fake_pueue, attempt.label) == (1, 1)
+    assert tree_digest(Path(case.results_path)) == tree_digest(Path(attempt.remote_dir) / "output")
+
+
+def test_cases_waiting_through_a_20_second_ssh_outage_all_complete(tmp_path, sshd, fake_pueue):
+    fake_pueue.add_group("gpu", 3)
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue, groups=({"name": "gpu", "slots": 3},))],
+                              command="sleep 4; " + OUTPUT))
+    folders = [make_case(tmp_path, f"outage-{n}") for n in range(3)]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        states = [pool.submit(run_case, folder) for folder in folders]
+        wait_for(lambda: all(_state(site, f) in (CaseState.QUEUED, CaseState.RUNNING) for f in folders),
+                 timeout=60, what="all cases to be submitted")
+        sshd.stop()
+        try:
+            time.sleep(20)
+        finally:
+            sshd.start()
+        assert [s.result(timeout=180) for s in states] == ["completed"] * 3
+    for folder in folders:
+        assert_completed_once(site, fake_pueue, folder)
+
+
+@pytest.mark.parametrize("direction", ["upload", "download"])
+def test_connection_cut_mid_transfer_is_retried_and_verified(tmp_path, sshd, fake_pueue, direction):
+    size = BIG if direction == "download" else 1024
+    host = ssh_host(tmp_path, sshd, fake_pueue)
+    site = start(settings_for(tmp_path, [host], command=f"{OUTPUT} && head -c {size} /dev/urandom > output/dose.raw"))
+    folder = make_case(tmp_path, f"cut-{direction}")
+    if direction == "upload":
+        (folder / "machine.log").write_bytes(b"\x5a" * BIG)
+    runner, outcome = run_in_background(folder)
+    wait_for(lambda: _state(site, folder) is not None, what="the case to be registered")
+    case = site.ledger.find_case(str(folder))
+    staging = (Path(host["workdir"]), case.uid) if direction == "upload" else (site.settings.results_dir, folder.name)
+    wait_for(lambda: partial_bytes(*staging) > 0, timeout=60, what=f"the {direction} to be under way")
+    assert sshd.kill_sessions() > 0
+
+    runner.join(180)
+    assert outcome.get("state") == "completed", outcome
+    assert_completed_once(site, fake_pueue, folder)
+    if direction == "upload":
+        assert _uploaded_intact(folder, Path(host["workdir"]) / case.uid)
+    moves = [(e.from_state, e.to_state, e.message) for e in site.ledger.events(case.id)]
+    if direction == "upload":  # the cut was recorded: back to pending, then a new upload
+        assert any(to is CaseState.PENDING and "upload interrupted" in message for _, to, message in moves)
+    assert staging_leftovers(site.settings.results_dir) == []
+
+
+def _uploaded_intact(folder: Path, remote: Path) -> bool:
+    remote_inputs = {k: v for k, v in tree_digest(remote).items() if not k.startswith("output/")}
+    return remote_inputs == tree_digest(folder)
+
+
+def test_pueue_daemon_restart_fails_the_case_and_reports_the_paused_group(tmp_path, sshd, fake_pueue):
+    host = ssh_host(tmp_path, sshd, fake_pueue)
+    site = start(settings_for(tmp_path, [host], command="sleep 60"))
+    folder = make_case(tmp_path, "restart-case")
+    runner, outcome = run_in_background(folder)
+    wait_for(lambda: _state(site, folder) is CaseState.RUNNING, timeout=60, what="the case to run")
+    fake_pueue.run("add", "--group", "default", "--label", "someone-else", "--", "sleep 1")  # waits behind ours
+
+    fake_pueue.restart_daemon(graceful=False)
+    runner.join(60)
+
+    case = site.ledger.find_case(str(folder))
+    assert outcome.get("state") == "failed"
+    assert case.failure_category is FailureCategory.INFRASTRUCTURE
+    assert "pueue daemon restart" in case.failure_message
+    assert site.ledger.attempts(case.id)[0].result is AttemptResult.KILLED
+    report = check_host(site, site.settings.hosts[0], timeout=15)
+    assert [(g.name, g.on_host) for g in report.groups] == [("default", "paused")]
+
+
+def _clean_when_done(fake_pueue) -> None:
+    """`pueue clean` the moment our task is done, before the case's next poll sees it."""
+    wait_for(lambda: _any_done(fake_pueue), timeout=60, what="the task to finish")
+    fake_pueue.clean()
+
+
+def _any_done(fake_pueue) -> bool:
+    return any("Done" in t["status"] for t in fake_pueue.status()["tasks"].values())
+
+
+def test_task_cleaned_before_seen_done_is_decided_from_its_results_and_a_reused_id_is_not_ours(
+        tmp_path, sshd, fake_pueue):
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command=OUTPUT, poll_seconds=4))
+    folder = make_case(tmp_path, "cleaned-case")
+    runner, outcome = run_in_background(folder)
+    _clean_when_done(fake_pueue)
+    fake_pueue.run("add", "--group", "default", "--label", "someone-else", "--", "sleep 30")  # takes our id 0
+    runner.join(60)
+
+    case = site.ledger.find_case(str(folder))
+    [attempt] = site.ledger.attempts(case.id)
+    assert outcome.get("state") == "completed" and attempt.result is AttemptResult.SUCCESS
+    [stranger] = fake_pueue.status()["tasks"].values()
+    assert stranger["id"] == attempt.task_id and stranger["label"] == "someone-else"
+    assert "Running" in stranger["status"], "the unrelated task with our old id was touched"
+    assert (Path(case.results_path) / "dose.dcm").read_bytes() == b"DICM plan of cleaned-case"
+
+
+def test_task_cleaned_without_results_is_lost_with_a_clear_reason(tmp_path, sshd, fake_pueue):
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command="true", poll_seconds=4))
+    folder = make_case(tmp_path, "lost-case")
+    runner, outcome = run_in_background(folder)
+    _clean_when_done(fake_pueue)
+    runner.join(60)
+
+    case = site.ledger.find_case(str(folder))
+    assert outcome.get("state") == "failed" and case.failure_category is FailureCategory.LOST
+    assert "disappeared from the queue" in case.failure_message and "no results" in case.failure_message
+    assert site.ledger.attempts(case.id)[0].result is AttemptResult.LOST
+    assert not (site.settings.results_dir / folder.name).exists()
+
+
+def test_ledger_locked_by_another_process_delays_but_loses_no_step(tmp_path, sshd, fake_pueue):
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command="sleep 1; " + OUTPUT))
+    folder = make_case(tmp_path, "locked-case")
+    runner, outcome = run_in_background(folder)
+    wait_for(lambda: _state(site, folder) in (CaseState.QUEUED, CaseState.RUNNING), timeout=60, what="submission")
+    with sqlite_write_lock(tmp_path / "mqi.db", seconds=5):
+        time.sleep(5)
+    runner.join(90)
+
+    assert outcome.get("state") == "completed", outcome
+    assert_completed_once(site, fake_pueue, folder)
+    events = site.ledger.events(site.ledger.find_case(str(folder)).id)
+    chain = [(e.from_state, e.to_state) for e in events]
+    assert all(before[1] is after[0] for before, after in zip(chain, chain[1:])), f"a step went unrecorded: {chain}"
+
+
+@pytest.fixture
+def tiny_results_disk(tmp_path):
+    with small_filesystem(tmp_path / "results", "2m") as mount_point:
+        yield mount_point
+
+
+def test_local_disk_full_while_downloading_never_completes_the_case(tmp_path, sshd, fake_pueue, tiny_results_disk):
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)],
+                              command=f"{OUTPUT} && head -c {8 * 2**20} /dev/urandom > output/dose.raw"))
+    folder = make_case(tmp_path, "full-disk-case")
+
+    with pytest.raises(OSError, match="No space left on device"):
+        run_case(folder)
+
+    case = site.ledger.find_case(str(folder))
+    assert case.state is CaseState.DOWNLOADING and case.results_path is None
+    assert site.ledger.live_attempt(case.id) is not None, "the results are still on the host: the attempt stays live"
+    assert list(tiny_results_disk.iterdir()) == [], "a partial download was left behind"
