@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import posixpath
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from mqi.gpu import GpuCache
-from mqi.host_health import record_host_ok, record_transport_error
+from mqi.host_health import HostHealth, record_host_ok, record_transport_error
 from mqi.ledger.store import Ledger
 from mqi.polling import SharedStatus
 from mqi.queue.base import Queue
@@ -45,6 +46,8 @@ class Site:
         self._queues: dict[str, Queue] = {}
         self._statuses: dict[str, SharedStatus] = {}
         self.gpu_cache = GpuCache(interval=settings.case.poll_seconds)
+        #: called with a HostHealth when a host becomes reachable or unreachable
+        self.host_listeners: list[Callable[[HostHealth], None]] = []
 
     @cached_property
     def ledger(self) -> Ledger:
@@ -97,9 +100,14 @@ class Site:
     def note_host_call(self, host_name: str, error: Exception | None) -> None:
         """Keep the host's health (reachable or not, and why) for placement and `mqi hosts`."""
         if error is None:
-            record_host_ok(self.settings.state_dir, host_name)
+            health = record_host_ok(self.settings.state_dir, host_name)
         elif isinstance(error, TransportError):
-            record_transport_error(self.settings.state_dir, error)
+            health = record_transport_error(self.settings.state_dir, error)
+        else:
+            return
+        if health is not None and health.since == health.last_checked:  # it just went up or down
+            for listener in self.host_listeners:
+                listener(health)
 
     def _make_queue(self, host: HostSettings) -> Queue:
         if host.queue == "local":

@@ -15,6 +15,7 @@ from prefect.events import emit_event
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
 from mqi import claims
+from mqi.host_health import HostHealth
 from mqi.ledger.records import Case
 from mqi.ledger.states import CaseState
 from mqi.runtime import get_site, site_hooks
@@ -157,10 +158,20 @@ def emit_state_event(site: Site, case: Case, from_state: CaseState, attempt_id: 
     )
 
 
+def emit_host_event(health: HostHealth) -> None:
+    """`mqi.host.reachable` / `mqi.host.unreachable` when a host comes back or goes away."""
+    emit_event(
+        f"mqi.host.{'reachable' if health.reachable else 'unreachable'}",
+        resource={"prefect.resource.id": f"mqi.host.{health.host}", "prefect.resource.name": health.host},
+        payload={"reason": health.reason},
+    )
+
+
 def publish_transitions(site: Site) -> None:
     site.ledger.transition_listeners.append(
         lambda case, from_state, attempt_id: emit_state_event(site, case, from_state, attempt_id)
     )
+    site.host_listeners.append(emit_host_event)
 
 
 site_hooks.append(publish_transitions)
