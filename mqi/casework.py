@@ -28,7 +28,8 @@ from mqi.transport.base import TransportError
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 300.0
-PROGRESS_EVERY_SECONDS = 30.0
+# Progress costs one log read per case: every third poll, at most every 5 s.
+PROGRESS_EVERY_POLLS, PROGRESS_MIN_SECONDS = 3, 5.0
 
 
 def attempt_label(case: Case, number: int) -> str:
@@ -263,7 +264,8 @@ class Waiter:
             )
 
     def _update_progress(self, task: TaskInfo) -> None:
-        if task.state is not TaskState.RUNNING or time.monotonic() - self._last_progress < PROGRESS_EVERY_SECONDS:
+        every = max(PROGRESS_EVERY_POLLS * self.site.settings.case.poll_seconds, PROGRESS_MIN_SECONDS)
+        if task.state is not TaskState.RUNNING or time.monotonic() - self._last_progress < every:
             return
         self._last_progress = time.monotonic()
         try:

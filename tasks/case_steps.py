@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 
@@ -88,6 +88,7 @@ def wait_until_done(case: Case, attempt: Attempt) -> casework.WaitOutcome:
 
     def on_progress(percent: int) -> None:
         update_progress_artifact(artifact_id=artifact_id, progress=float(percent))
+        get_run_logger().info("case %s: %d%%", case.name, percent)
 
     return casework.wait_for(get_site(), case, attempt, actor(), on_progress)
 

@@ -348,3 +348,17 @@ def test_every_state_change_is_a_prefect_event_with_host_and_group(tmp_path):
     roles = {r.role: r.id for r in completed.related}  # Prefect adds the flow and task runs
     assert (roles["host"], roles["gpu-group"]) == (f"mqi.host.{site.settings.hosts[0].name}",
                                                    f"mqi.group.{site.settings.hosts[0].name}.gpu0")
+
+
+def test_progress_from_the_engine_log_reaches_the_ledger_while_it_runs(tmp_path):
+    site = start(settings_for(tmp_path, [local_host(tmp_path)],
+                              command="echo 'Generating particles for (1 of 4 batches)'; sleep 12; " + OUTPUT))
+    folder = make_case(tmp_path, "progress-case")
+    result = {}
+    runner = threading.Thread(target=lambda: result.setdefault("state", run_case(folder)))
+    runner.start()
+
+    wait_for(lambda: _state(site, folder) is CaseState.RUNNING and site.ledger.find_case(str(folder)).progress == 25,
+             timeout=30, what="25 % progress while the engine runs")
+    runner.join(60)
+    assert result["state"] == "completed" and site.ledger.find_case(str(folder)).progress == 100
