@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -22,7 +21,6 @@ from mqi.prefect_server import (
     EmbeddedPrefectServer,
     configure_prefect_env,
     prefect_home,
-    use_prefect,
 )
 from mqi.settings import Settings
 

@@ -230,7 +230,7 @@ def test_two_single_slot_groups_never_run_more_than_two(tmp_path, sshd, fake_pue
     fake_pueue.add_group("gpu0", 5)  # pueue would allow more: the limit is ours
     fake_pueue.add_group("gpu1", 5)
     groups = ({"name": "gpu0", "slots": 1}, {"name": "gpu1", "slots": 1})
-    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue, groups=groups)],
+    start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue, groups=groups)],
                               command="sleep 1; " + OUTPUT))
     folders = [make_case(tmp_path, f"case-{n}") for n in range(5)]
     from concurrent.futures import ThreadPoolExecutor

@@ -16,7 +16,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 from mqi.queue.base import GroupInfo, QueueError, QueueSnapshot, TaskInfo, TaskResult, TaskState
