@@ -422,7 +422,11 @@ def record_outcome(site: Site, case: Case, attempt: Attempt, outcome: WaitOutcom
         return current  # already settled (kill, cancel) or waiting for a kill to be confirmed
     attempt = site.ledger.get_attempt(attempt.id)
     if outcome.result is AttemptResult.SUCCESS:
-        download(site, case, attempt, actor)
+        try:
+            download(site, case, attempt, actor)
+        except transfer.RemoteResultsMissing as exc:  # else resumed and refetched forever
+            fail_case(site, case, attempt, FailureCategory.ENGINE,
+                      f"the engine exited with code 0 but wrote no results: {exc}", actor, exit_code=0)
     elif outcome.result is None:
         decide_vanished(site, case, attempt, actor)
     elif outcome.result is AttemptResult.FAILED:
