@@ -152,6 +152,17 @@ def test_case_folder_gone_before_upload_fails_as_input(tmp_path, sshd, fake_pueu
     assert case.failure_category is FailureCategory.INPUT and "does not exist" in case.failure_message
 
 
+def test_engine_that_succeeds_without_writing_results_fails_clearly(tmp_path, sshd, fake_pueue):
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command="true"))
+    folder = good_case(_inbox(tmp_path), "no-output")
+
+    assert run_case(folder) == "failed"
+    case = site.ledger.find_case(str(folder))
+    assert case.failure_category is FailureCategory.ENGINE
+    assert "exited with code 0 but wrote no results" in case.failure_message
+    assert site.ledger.live_attempt(case.id) is None
+
+
 # -- hosts and queues that refuse ----------------------------------------------------------
 
 

@@ -21,12 +21,12 @@ from mqi.claims import claimed_case_ids
 from mqi.ledger.states import AttemptResult, CaseState
 from tasks.publish import SLOT_LEASE_SECONDS
 from tests.support.faults import (
+    active_slots,
     kill_when_transfer_under_way,
     spawn_submit,
     staging_leftovers,
     tasks_labelled,
     tree_digest,
-    active_slots,
     wait_for_death,
     write_config,
 )
@@ -42,7 +42,6 @@ ENGINE = "sleep {seconds}; mkdir -p output && cp RTPLAN.dcm output/dose.dcm && h
 class CrashPoint:
     name: str
     states_after_crash: tuple[CaseState, ...]
-    holds_slot: bool = False  # the dead process held the GPU slot when it died (for the report)
     by_transfer: str = ""  # killed by the test while this transfer runs ("upload"/"download")
 
 
@@ -50,8 +49,8 @@ CRASH_POINTS = [
     CrashPoint("after-register", (CaseState.PENDING,)),
     CrashPoint("during-upload", (CaseState.UPLOADING,), by_transfer="upload"),
     CrashPoint("after-upload", (CaseState.UPLOADING,)),
-    CrashPoint("after-add", (CaseState.UPLOADING,), holds_slot=True),
-    CrashPoint("while-waiting", (CaseState.QUEUED, CaseState.RUNNING), holds_slot=True),
+    CrashPoint("after-add", (CaseState.UPLOADING,)),
+    CrashPoint("while-waiting", (CaseState.QUEUED, CaseState.RUNNING)),
     CrashPoint("during-download", (CaseState.DOWNLOADING,), by_transfer="download"),
     CrashPoint("after-download", (CaseState.DOWNLOADING,)),
 ]
@@ -107,6 +106,8 @@ def crash_and_resume(tmp_path: Path, sshd, fake_pueue, prefect_api_url: str, poi
     events = site.ledger.events(case.id)
     assert events[-1].to_state is CaseState.COMPLETED
     assert [e.to_state for e in events].count(CaseState.COMPLETED) == 1
+    runs = list(dict.fromkeys(e.actor for e in events))  # who did what: the dead run, then the new one
+    assert len(runs) == 2 and all(r.startswith("flow-run/") for r in runs), runs
     limit = site.placement(host["name"], "default").limit_name
     assert active_slots(limit) == 0, "a GPU slot is still held after the case completed"
 

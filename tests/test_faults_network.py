@@ -56,12 +56,12 @@ def assert_completed_once(site, fake_pueue, folder: Path) -> None:
 def test_cases_waiting_through_a_20_second_ssh_outage_all_complete(tmp_path, sshd, fake_pueue):
     fake_pueue.add_group("gpu", 3)
     site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue, groups=({"name": "gpu", "slots": 3},))],
-                              command="sleep 4; " + OUTPUT))
+                              command="sleep 15; " + OUTPUT))
     folders = [make_case(tmp_path, f"outage-{n}") for n in range(3)]
     with ThreadPoolExecutor(max_workers=3) as pool:
         states = [pool.submit(run_case, folder) for folder in folders]
         wait_for(lambda: all(_state(site, f) in (CaseState.QUEUED, CaseState.RUNNING) for f in folders),
-                 timeout=60, what="all cases to be submitted")
+                 timeout=90, what="all cases to be submitted")
         sshd.stop()
         try:
             time.sleep(20)
@@ -135,7 +135,8 @@ def _any_done(fake_pueue) -> bool:
 
 def test_task_cleaned_before_seen_done_is_decided_from_its_results_and_a_reused_id_is_not_ours(
         tmp_path, sshd, fake_pueue):
-    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command=OUTPUT, poll_seconds=4))
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command=f"sleep 1; {OUTPUT}",
+                              poll_seconds=4))
     folder = make_case(tmp_path, "cleaned-case")
     runner, outcome = run_in_background(folder)
     _clean_when_done(fake_pueue)
@@ -152,7 +153,7 @@ def test_task_cleaned_before_seen_done_is_decided_from_its_results_and_a_reused_
 
 
 def test_task_cleaned_without_results_is_lost_with_a_clear_reason(tmp_path, sshd, fake_pueue):
-    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command="true", poll_seconds=4))
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command="sleep 1", poll_seconds=4))
     folder = make_case(tmp_path, "lost-case")
     runner, outcome = run_in_background(folder)
     _clean_when_done(fake_pueue)

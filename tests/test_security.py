@@ -122,7 +122,11 @@ def _prefect_records() -> str:
         runs = client.read_flow_runs(limit=200)
         logs = client.read_logs(limit=200)
         artifacts = client.read_artifacts(limit=200)
-        events = client.read_events(limit=200).events
+        page = client.read_events(limit=50)
+        events = page.events
+        while page.next_page:
+            page = client.read_events_page(page.next_page)
+            events += page.events
     return "\n".join(repr(item) for item in [*runs, *logs, *artifacts, *events])
 
 
