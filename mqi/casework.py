@@ -21,7 +21,7 @@ from mqi.host_health import host_health, reachable_hosts
 from mqi.faults import fault_point
 from mqi.ledger.records import Attempt, Case
 from mqi.ledger.states import ACTIVE_STATES, AttemptResult, CaseState, FailureCategory
-from mqi.queue.base import SubmitRequest, TaskInfo, TaskResult, TaskState
+from mqi.queue.base import QueueError, SubmitRequest, TaskInfo, TaskResult, TaskState
 from mqi.site import Placement, Site
 from mqi.transport.base import TransportError
 
@@ -234,10 +234,11 @@ class Waiter:
                 return WaitOutcome(AttemptResult.TIMEOUT, message="timed out")
             try:
                 task = status.snapshot().find(self.attempt.task_id, self.attempt.label)
-            except TransportError as exc:
-                if not exc.transient:
+            except (TransportError, QueueError) as exc:
+                if isinstance(exc, TransportError) and not exc.transient:
                     raise
-                # Unreachable is not a failure: keep waiting, the timeout clock keeps running.
+                # Unreachable, or pueue not answering sensibly (daemon restarting, output cut
+                # short) is not a failure: keep waiting, the timeout clock keeps running.
                 log.warning("case %s: %s; polling again in %.0f s", self.case.uid, exc, backoff)
                 self.sleep(min(backoff, remaining))
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
