@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from mqi.queue.pueue import PueueQueue
 from mqi.queue.pueue_json import PueueOutputError
 from mqi.settings import load_settings
 from mqi.transport.local import LocalTransport
-from tests.support.faults import partial_bytes, small_filesystem
+from tests.support.faults import partial_bytes, small_filesystem, tree_digest
 from tests.test_process_case import _state, run_case, settings_for, ssh_host, start, wait_for
 
 ENGINE = "mkdir -p output && find . -path ./output -prune -o -type f -print | sort > output/listing"
@@ -141,6 +142,31 @@ def test_case_folder_changed_while_uploading_fails_as_input(tmp_path, sshd, fake
     assert not (Path(host["workdir"]) / uid).exists(), "a partial upload was put in place"
 
 
+def test_case_folder_replaced_while_uploading_is_never_sent_mixed(tmp_path, sshd, fake_pueue):
+    """The folder is swapped for another one mid-upload: the host gets the old folder whole
+    (files already open are read to the end, and checked), or the case fails as input."""
+    host = ssh_host(tmp_path, sshd, fake_pueue)
+    site = start(settings_for(tmp_path, [host], command=ENGINE))
+    folder = good_case(_inbox(tmp_path), "replaced")
+    (folder / "machine.log").write_bytes(b"x" * 48 * 2**20)
+    old = tree_digest(folder)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        state = pool.submit(run_case, folder)
+        wait_for(lambda: _state(site, folder) is not None, what="registration")
+        uid = site.ledger.find_case(str(folder)).uid
+        wait_for(lambda: partial_bytes(Path(host["workdir"]), uid) > 0, timeout=60, what="the upload")
+        folder.rename(folder.with_name("replaced.old"))
+        good_case(_inbox(tmp_path), "replaced")
+        (folder / "RTPLAN.dcm").write_bytes(b"DICM another plan")
+        final = state.result(timeout=60)
+    case = site.ledger.find_case(str(folder))
+    if final == "completed":
+        sent = {k: v for k, v in tree_digest(Path(host["workdir"]) / uid).items() if not k.startswith("output/")}
+        assert sent == old, "the host got a mix of the old and the new folder"
+    else:
+        assert case.failure_category is FailureCategory.INPUT, case.failure_message
+
+
 def test_case_folder_gone_before_upload_fails_as_input(tmp_path, sshd, fake_pueue):
     site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command=ENGINE))
     folder = good_case(_inbox(tmp_path), "vanishing")
@@ -257,6 +283,32 @@ def test_unreadable_pueue_status_is_a_clear_error(tmp_path, output):
     queue = PueueQueue(LocalTransport("gpu-7"), pueue=stub_pueue(tmp_path, output))
     with pytest.raises(PueueOutputError, match=r"host 'gpu-7': cannot read the output of `pueue status"):
         queue.snapshot()
+
+
+def garbling_pueue(tmp_path: Path, fake_pueue, switch: Path) -> str:
+    """The fake pueue, except that `status` prints cut-off JSON while `switch` exists."""
+    script = tmp_path / "garbling-pueue"
+    script.write_text(f"""#!/bin/sh
+if [ -e '{switch}' ] && [ "$3" = status ]; then printf '{{"tasks": {{"0": {{"id": '; exit 0; fi
+exec '{fake_pueue.bin}' "$@"
+""")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_pueue_status_garbled_for_a_while_does_not_fail_a_waiting_case(tmp_path, sshd, fake_pueue):
+    switch = tmp_path / "garble"
+    host = ssh_host(tmp_path, sshd, fake_pueue) | {"pueue": garbling_pueue(tmp_path, fake_pueue, switch)}
+    site = start(settings_for(tmp_path, [host], command="sleep 5; " + ENGINE))
+    folder = good_case(_inbox(tmp_path), "garbled-status")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        state = pool.submit(run_case, folder)
+        wait_for(lambda: _state(site, folder) is CaseState.RUNNING, timeout=60, what="the case to run")
+        switch.touch()
+        time.sleep(3)
+        switch.unlink()
+        assert state.result(timeout=120) == "completed"
+    assert len(fake_pueue.status()["tasks"]) == 1
 
 
 # -- settings --------------------------------------------------------------------------------
