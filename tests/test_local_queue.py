@@ -114,11 +114,11 @@ def test_slots_per_group_are_never_exceeded(make_queue, workdir):
     queue = make_queue({"gpu": 2, "cpu": 1})
     tag = uuid.uuid4().hex
     slots = {"gpu": 2, "cpu": 1}
-    ids = [queue.submit(request(workdir, "sleep 0.3", group="gpu", MQI_TEST_TAG=f"{tag}-gpu")) for _ in range(5)]
-    ids += [queue.submit(request(workdir, "sleep 0.3", group="cpu", MQI_TEST_TAG=f"{tag}-cpu")) for _ in range(2)]
+    ids = [queue.submit(request(workdir, "sleep 2", group="gpu", MQI_TEST_TAG=f"{tag}-gpu")) for _ in range(5)]
+    ids += [queue.submit(request(workdir, "sleep 2", group="cpu", MQI_TEST_TAG=f"{tag}-cpu")) for _ in range(2)]
 
     most_running = {"gpu": 0, "cpu": 0}
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while True:
         tasks = queue.snapshot().tasks
         for group, limit in slots.items():
