@@ -220,6 +220,14 @@ def test_paused_group_accepts_the_task_which_waits_until_started(tmp_path, sshd,
         assert state.result(timeout=60) == "completed"
 
 
+def assert_back_in_line(site, folder: Path, reason: str) -> None:
+    """A host-side refusal leaves the case pending (tried again later), the reason recorded."""
+    case = site.ledger.find_case(str(folder))
+    last = site.ledger.events(case.id)[-1]
+    assert (case.state, last.to_state) == (CaseState.PENDING, CaseState.PENDING), case.state
+    assert reason in last.message and site.ledger.attempts(case.id) == []
+
+
 def test_missing_remote_workdir_is_created(tmp_path, sshd, fake_pueue):
     host = ssh_host(tmp_path, sshd, fake_pueue) | {"workdir": str(tmp_path / "not" / "yet" / "there")}
     start(settings_for(tmp_path, [host], command=ENGINE))
@@ -235,7 +243,7 @@ def test_remote_workdir_that_cannot_exist_is_a_clear_error(tmp_path, sshd, fake_
 
     with pytest.raises(Exception, match="Not a directory|not a folder"):
         run_case(folder)
-    assert _state(site, folder) is not CaseState.COMPLETED
+    assert_back_in_line(site, folder, "Not a directory")
     assert fake_pueue.status()["tasks"] == {}
 
 
@@ -252,7 +260,7 @@ def test_full_remote_disk_is_a_clear_error_and_nothing_is_submitted(tmp_path, ss
 
     with pytest.raises(Exception, match="No space left on device"):
         run_case(folder)
-    assert _state(site, folder) is not CaseState.COMPLETED
+    assert_back_in_line(site, folder, "No space left on device")
     assert fake_pueue.status()["tasks"] == {}
     assert list(tiny_remote_disk.iterdir()) == [], "a partial upload was left on the host"
 
