@@ -23,7 +23,14 @@ from mqi.queue.pueue_json import PueueOutputError
 from mqi.settings import load_settings
 from mqi.transport.local import LocalTransport
 from tests.support.faults import partial_bytes, small_filesystem, tree_digest
-from tests.test_process_case import _state, run_case, settings_for, ssh_host, start, wait_for
+from tests.test_process_case import (
+    _state,
+    run_case,
+    settings_for,
+    ssh_host,
+    start,
+    wait_for,
+)
 
 ENGINE = "mkdir -p output && find . -path ./output -prune -o -type f -print | sort > output/listing"
 CANARY = "MQI_CANARY"

@@ -30,7 +30,15 @@ from tests.support.faults import (
     wait_for_death,
     write_config,
 )
-from tests.test_process_case import _state, make_case, run_case, settings_for, ssh_host, start, wait_for
+from tests.test_process_case import (
+    _state,
+    make_case,
+    run_case,
+    settings_for,
+    ssh_host,
+    start,
+    wait_for,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

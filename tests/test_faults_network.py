@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,15 @@ from tests.support.faults import (
     tasks_labelled,
     tree_digest,
 )
-from tests.test_process_case import _state, make_case, run_case, settings_for, ssh_host, start, wait_for
+from tests.test_process_case import (
+    _state,
+    make_case,
+    run_case,
+    settings_for,
+    ssh_host,
+    start,
+    wait_for,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -179,7 +188,7 @@ def test_ledger_locked_by_another_process_delays_but_loses_no_step(tmp_path, ssh
     assert_completed_once(site, fake_pueue, folder)
     events = site.ledger.events(site.ledger.find_case(str(folder)).id)
     chain = [(e.from_state, e.to_state) for e in events]
-    assert all(before[1] is after[0] for before, after in zip(chain, chain[1:])), f"a step went unrecorded: {chain}"
+    assert all(before[1] is after[0] for before, after in pairwise(chain)), f"a step went unrecorded: {chain}"
 
 
 @pytest.fixture

@@ -24,7 +24,6 @@ import yaml
 
 from mqi.faults import FAULT_POINT_VARIABLE
 from mqi.settings import Settings
-from tests.test_process_case import wait_for
 
 CHILD_START_TIMEOUT = 90.0  # a child imports Prefect and starts a flow run on a shared 2-CPU box
 
