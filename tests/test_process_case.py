@@ -362,3 +362,54 @@ def test_progress_from_the_engine_log_reaches_the_ledger_while_it_runs(tmp_path)
              timeout=30, what="25 % progress while the engine runs")
     runner.join(60)
     assert result["state"] == "completed" and site.ledger.find_case(str(folder)).progress == 100
+
+
+def test_a_stopped_host_is_skipped_and_cases_run_on_the_other(tmp_path, sshd, sshd_factory, fake_pueue):
+    from tests.support.pueue_fixtures import install_fake_pueue
+
+    down_server = sshd_factory()
+    down_pueue = install_fake_pueue(tmp_path / "down-pueue")
+    down_pueue.start_daemon()
+    try:
+        live = ssh_host(tmp_path, sshd, fake_pueue)
+        down = ssh_host(tmp_path, down_server, down_pueue) | {"name": unique_host(tmp_path, "down"),
+                                                              "connect_timeout": 2}
+        site = start(settings_for(tmp_path, [down, live], command="sleep 1; " + OUTPUT))
+        down_server.stop()
+        # The down host is found out once (a failed status poll marks it), then skipped.
+        from mqi.transport.base import HostUnreachable
+        with pytest.raises(HostUnreachable):
+            site.status(down["name"]).snapshot()
+        folders = [make_case(tmp_path, f"two-hosts-{n}") for n in range(3)]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            assert list(pool.map(run_case, folders)) == ["completed"] * 3
+        hosts = {site.ledger.attempts(site.ledger.find_case(str(f)).id)[0].host for f in folders}
+        assert hosts == {live["name"]}
+        assert down_pueue.status()["tasks"] == {}
+    finally:
+        down_pueue.stop_daemon()
+        down_pueue.kill_leftover_tasks()
+        down_server.stop()
+
+
+def test_a_case_pinned_to_a_down_host_waits_for_it(tmp_path, sshd, fake_pueue):
+    from mqi.transport.base import HostUnreachable
+
+    host = ssh_host(tmp_path, sshd, fake_pueue) | {"connect_timeout": 2}
+    site = start(settings_for(tmp_path, [host], command=OUTPUT))
+    folder = make_case(tmp_path, "pinned-case")
+    result = {}
+    runner = threading.Thread(target=lambda: result.setdefault("state", run_case(folder, host=host["name"])))
+    sshd.stop()
+    try:
+        with pytest.raises(HostUnreachable):  # the host is found down once, then waited for
+            site.status(host["name"]).snapshot()
+        runner.start()
+        time.sleep(3)
+        assert runner.is_alive() and _state(site, folder) is CaseState.PENDING  # waiting, not failed
+    finally:
+        sshd.start()
+    runner.join(180)
+    assert result["state"] == "completed"
