@@ -15,6 +15,7 @@ import yaml
 from rich.console import Console
 
 from mqi.settings import Settings
+from mqi.timefmt import utc_now
 
 SAMPLE_FILES = {
     "RTPLAN.dcm": b"DICM demo RT plan\n",
@@ -66,10 +67,9 @@ def run_demo(folder: Path, count: int) -> None:
     console.print(f"[bold]{len(cases)} sample cases[/] in {settings.inbox.path}; running them on 2 GPU groups ...")
     with ThreadPoolExecutor(max_workers=total_slots(site)) as pool:
         states = list(pool.map(lambda case: process_case(case=str(case.id)), cases))
-    from mqi.cli.cases import status_table
-    from datetime import datetime, timezone
+    from mqi.cli.cases import status_lines
 
-    console.print(status_table(site.ledger.overview(), settings.tz, datetime.now(timezone.utc)))
+    console.print("\n".join(status_lines(site.ledger.overview(), settings.tz, utc_now())), highlight=False)
     config = folder / "mqi.yaml"
     config.write_text(yaml.safe_dump(settings.masked() | {"ledger": {"url": settings.ledger.url.get_secret_value()}}))
     console.print(f"results in {settings.results_dir}")

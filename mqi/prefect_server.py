@@ -198,8 +198,7 @@ def _spawn(home: Path, port: int, log_path: Path) -> subprocess.Popen:
 @contextmanager
 def _prefect_env(env: dict[str, str]) -> Iterator[None]:
     previous = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    _refresh_prefect_settings()
+    apply_prefect_env(env)
     try:
         yield
     finally:
@@ -209,6 +208,20 @@ def _prefect_env(env: dict[str, str]) -> Iterator[None]:
             else:
                 os.environ[name] = value
         _refresh_prefect_settings()
+
+
+def apply_prefect_env(env: dict[str, str]) -> None:
+    """Put `env` into this process's environment; an empty value removes the variable.
+
+    An empty PREFECT_API_URL is not the same as none: Prefect then starts its event worker
+    against no server, and every event of the run fails to send.
+    """
+    for name, value in env.items():
+        if value:
+            os.environ[name] = value
+        else:
+            os.environ.pop(name, None)
+    _refresh_prefect_settings()
 
 
 def _refresh_prefect_settings() -> None:

@@ -16,7 +16,7 @@ from mqi.cli.app import UserError, app, config_file, current_settings
 from mqi.errors import MqiError
 from mqi.instance_lock import hold_run_locks
 from mqi.logfile import setup_main_job_logging
-from mqi.prefect_server import configure_prefect_env, use_prefect
+from mqi.prefect_server import apply_prefect_env, configure_prefect_env, use_prefect
 from mqi.settings import Settings
 
 PROCESS_CASE_LIMIT_PER_SLOT = 2  # one run holding each slot plus one waiting for it
@@ -27,7 +27,7 @@ RUNNER_QUERY_SECONDS = 1.0
 
 def prepare_prefect(settings: Settings) -> None:
     """Point Prefect at the configured server, the running embedded one, or an ephemeral one."""
-    os.environ.update(configure_prefect_env(settings))
+    apply_prefect_env(configure_prefect_env(settings))
     export_config_path()
 
 

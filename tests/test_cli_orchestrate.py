@@ -1,0 +1,88 @@
+"""The commands that run cases, as a user types them: demo, submit, cancel, retry, reconcile."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.test_process_case import make_case, pid_alive, wait_for
+
+MQI = [sys.executable, "-m", "mqi.cli"]
+# The user's shell, not the test harness: no Prefect or mqi settings leak into the commands.
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MQI_"))}
+
+
+def mqi(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*MQI, *args], cwd=cwd, env=CLEAN_ENV, capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def test_demo_runs_sample_cases_on_a_fresh_folder(tmp_path):
+    result = mqi("demo", "--folder", str(tmp_path / "demo"), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    config = tmp_path / "demo" / "mqi.yaml"
+    cases = json.loads(mqi("--config", str(config), "status", "--json", cwd=tmp_path).stdout)
+    assert sorted(c["state"] for c in cases) == ["completed", "completed", "failed"]
+    assert {c["group"] for c in cases} <= {"gpu0", "gpu1"}
+    completed = [c["name"] for c in cases if c["state"] == "completed"]
+    assert all((tmp_path / "demo" / "results" / name / "dose.raw").exists() for name in completed)
+
+
+def test_submit_cancel_retry_and_reconcile_commands(tmp_path, prefect_server):
+    config = tmp_path / "mqi.yaml"
+    config.write_text(yaml.safe_dump({
+        "state_dir": str(tmp_path / ".mqi"),
+        "results_dir": str(tmp_path / "results"),
+        "ledger": {"url": f"sqlite:///{tmp_path / 'mqi.db'}"},
+        "prefect": {"api_url": prefect_server},
+        "case": {"command": "echo $$ > engine.pid; if [ -e SLOW ]; then exec sleep 300; fi; "
+                            "mkdir -p output; cp RTPLAN.dcm output/", "poll_seconds": 0.3},
+        "hosts": [{"name": f"cli-{tmp_path.name[-20:]}", "workdir": str(tmp_path / "work"),
+                   "groups": [{"name": "gpu0", "slots": 1}]}],
+    }))
+    folder = make_case(tmp_path, "cli-case")
+    (folder / "SLOW").write_text("")
+    submit = subprocess.Popen([*MQI, "--config", str(config), "submit", str(folder)], cwd=tmp_path, env=CLEAN_ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def show() -> dict:
+        result = mqi("--config", str(config), "show", str(folder), "--json", cwd=tmp_path)
+        return json.loads(result.stdout) if result.returncode == 0 else {}
+
+    case = wait_for(lambda: (lambda c: c if c.get("state") == "running" else None)(show()), timeout=120,
+                    what="the case to run")
+    pid = int(wait_for(lambda: _read(tmp_path / "work" / case["uid"] / "engine.pid"), what="the engine pid"))
+
+    assert "only a finished case" in mqi("--config", str(config), "retry", str(case["id"]), cwd=tmp_path).stderr
+    cancel = mqi("--config", str(config), "cancel", case["uid"], cwd=tmp_path)
+    assert cancel.returncode == 0 and "cancelled" in cancel.stdout, cancel.stderr
+    assert submit.wait(120) == 1  # `mqi submit` reports the case did not complete
+    assert not pid_alive(pid)
+    assert show()["state"] == "cancelled" and show()["attempts"][0]["result"] == "cancelled"
+    again = mqi("--config", str(config), "cancel", case["uid"], cwd=tmp_path)
+    assert again.returncode == 1 and "already cancelled" in again.stderr
+
+    (folder / "SLOW").unlink()
+    retry = mqi("--config", str(config), "retry", str(case["id"]), "--now", cwd=tmp_path)
+    assert retry.returncode == 0, retry.stdout[-2000:] + retry.stderr[-2000:]
+    attempts = show()["attempts"]
+    assert [a["result"] for a in attempts] == ["cancelled", "success"] and show()["state"] == "completed"
+
+    reconcile = mqi("--config", str(config), "reconcile", cwd=tmp_path)
+    assert reconcile.returncode == 0, reconcile.stderr
+    unknown = mqi("--config", str(config), "cancel", "no-such-case", cwd=tmp_path)
+    assert unknown.returncode == 1 and "no case has" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
