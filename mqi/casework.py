@@ -7,6 +7,7 @@ leaves a ledger from which `reconcile` can tell what to do next.
 from __future__ import annotations
 
 import logging
+import random
 import re
 import time
 from collections.abc import Callable
@@ -219,6 +220,14 @@ class Waiter:
     clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
     _last_progress: float = field(default=0.0, init=False)
 
+    def __post_init__(self) -> None:
+        # Cases that start together read their logs at spread-out moments, not all at once.
+        self._last_progress = time.monotonic() - random.uniform(0, self._progress_every)
+
+    @property
+    def _progress_every(self) -> float:
+        return max(PROGRESS_EVERY_POLLS * self.site.settings.case.poll_seconds, PROGRESS_MIN_SECONDS)
+
     @property
     def deadline(self) -> datetime:
         started = self.attempt.started_at or self.attempt.submitted_at
@@ -265,8 +274,7 @@ class Waiter:
             )
 
     def _update_progress(self, task: TaskInfo) -> None:
-        every = max(PROGRESS_EVERY_POLLS * self.site.settings.case.poll_seconds, PROGRESS_MIN_SECONDS)
-        if task.state is not TaskState.RUNNING or time.monotonic() - self._last_progress < every:
+        if task.state is not TaskState.RUNNING or time.monotonic() - self._last_progress < self._progress_every:
             return
         self._last_progress = time.monotonic()
         try:
