@@ -35,18 +35,34 @@ def test_demo_runs_sample_cases_on_a_fresh_folder(tmp_path):
     assert all((tmp_path / "demo" / "results" / name / "dose.raw").exists() for name in completed)
 
 
-def test_submit_cancel_retry_and_reconcile_commands(tmp_path, prefect_server):
-    config = tmp_path / "mqi.yaml"
+def write_config(root: Path, prefect_server: str) -> Path:
+    config = root / "mqi.yaml"
     config.write_text(yaml.safe_dump({
-        "state_dir": str(tmp_path / ".mqi"),
-        "results_dir": str(tmp_path / "results"),
-        "ledger": {"url": f"sqlite:///{tmp_path / 'mqi.db'}"},
+        "state_dir": str(root / ".mqi"),
+        "results_dir": str(root / "results"),
+        "ledger": {"url": f"sqlite:///{root / 'mqi.db'}"},
         "prefect": {"api_url": prefect_server},
         "case": {"command": "echo $$ > engine.pid; if [ -e SLOW ]; then exec sleep 300; fi; "
                             "mkdir -p output; cp RTPLAN.dcm output/", "poll_seconds": 0.3},
-        "hosts": [{"name": f"cli-{tmp_path.name[-20:]}", "workdir": str(tmp_path / "work"),
+        "hosts": [{"name": f"cli-{root.name[-20:]}", "workdir": str(root / "work"),
                    "groups": [{"name": "gpu0", "slots": 1}]}],
     }))
+    return config
+
+
+def test_submit_takes_a_folder_whose_name_is_not_utf8(tmp_path, prefect_server):
+    config = write_config(tmp_path, prefect_server)
+    folder = make_case(tmp_path, "plan").rename(tmp_path / "inbox" / os.fsdecode(b"plan-\xff-x"))
+
+    result = mqi("--config", str(config), "submit", str(folder), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    # The case's name is shown and used for its results with the odd byte as U+FFFD.
+    assert (tmp_path / "results" / "plan-\ufffd-x" / "RTPLAN.dcm").exists()
+
+
+def test_submit_cancel_retry_and_reconcile_commands(tmp_path, prefect_server):
+    config = write_config(tmp_path, prefect_server)
     folder = make_case(tmp_path, "cli-case")
     (folder / "SLOW").write_text("")
     submit = subprocess.Popen([*MQI, "--config", str(config), "submit", str(folder)], cwd=tmp_path, env=CLEAN_ENV,

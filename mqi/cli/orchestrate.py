@@ -63,11 +63,13 @@ def submit(
     settings = current_settings()
     if host:
         settings.host(host)
-    start_site(settings)
+    site = start_site(settings)
     from flows.process_case import process_case
 
-    state = process_case(case=str(path.resolve()), host=host, group=group)
-    typer.echo(f"case {path.name}: {state}")
+    # By id: a folder name need not be UTF-8, and flow parameters travel as JSON.
+    case, _ = site.ledger.register_case(path.resolve(), actor="cli")
+    state = process_case(case=str(case.id), host=host, group=group)
+    typer.echo(f"case {case.name}: {state}")
     raise typer.Exit(0 if state == "completed" else 1)
 
 
