@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from mqi.errors import ConfigError
 from mqi.gpu import GpuCache
 from mqi.host_health import HostHealth, record_host_ok, record_transport_error
 from mqi.ledger.store import Ledger
@@ -38,9 +39,8 @@ def gpu_limit_name(host: str, group: str) -> str:
 
 
 class Site:
-    def __init__(self, settings: Settings, ledger: Ledger | None = None):
+    def __init__(self, settings: Settings):
         self.settings = settings
-        self._ledger = ledger
         self._lock = threading.RLock()  # queue() builds its transport under it
         self._transports: dict[str, Transport] = {}
         self._queues: dict[str, Queue] = {}
@@ -51,17 +51,13 @@ class Site:
 
     @cached_property
     def ledger(self) -> Ledger:
-        if self._ledger is None:
-            self._ledger = Ledger.open(self.settings.ledger.url.get_secret_value())
-        return self._ledger
+        return Ledger.open(self.settings.ledger.url.get_secret_value())
 
     def placement(self, host: str, group: str) -> Placement:
         host_settings = self.settings.host(host)
         for group_settings in host_settings.groups:
             if group_settings.name == group:
                 return Placement(host_settings, group_settings)
-        from mqi.errors import ConfigError
-
         names = ", ".join(g.name for g in host_settings.groups)
         raise ConfigError([f"host {host!r} has no group {group!r} (configured: {names})"])
 
@@ -110,6 +106,7 @@ class Site:
                 listener(health)
 
     def _make_queue(self, host: HostSettings) -> Queue:
+        _require_resolved(host)
         if host.queue == "local":
             from mqi.queue.local import LocalQueue
 
@@ -124,7 +121,14 @@ class Site:
             transport.close()
 
 
+def _require_resolved(host: HostSettings) -> None:
+    """A host that names a saved block must have been loaded from it, never run on defaults."""
+    if host.block is not None:
+        raise ConfigError([f"hosts: {host.name!r} names the Prefect block {host.block!r}, which was not loaded"])
+
+
 def _make_transport(host: HostSettings) -> Transport:
+    _require_resolved(host)
     if host.transport == "local":
         from mqi.transport.local import LocalTransport
 

@@ -231,3 +231,15 @@ def test_every_missing_block_is_named_in_one_error(prefect_server, tmp_path):
     assert len(problems) == 2
     assert "host 'gpu1'" in problems[0] and "'no-such-a'" in problems[0]
     assert "host 'gpu2'" in problems[1] and "'no-such-b'" in problems[1]
+
+
+def test_a_host_naming_an_unloaded_block_is_never_used_with_defaults(tmp_path):
+    from mqi.errors import ConfigError
+    from mqi.settings import Settings
+    from mqi.site import Site
+
+    site = Site(Settings(state_dir=tmp_path, hosts=[{"name": "gpu1", "block": "gpu1"}]))
+    with pytest.raises(ConfigError, match="names the Prefect block 'gpu1', which was not loaded"):
+        site.queue("gpu1")
+    with pytest.raises(ConfigError, match="which was not loaded"):
+        site.transport("gpu1")
