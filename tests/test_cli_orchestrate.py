@@ -93,8 +93,22 @@ def test_submit_cancel_retry_and_reconcile_commands(tmp_path, prefect_server):
 
     reconcile = mqi("--config", str(config), "reconcile", cwd=tmp_path)
     assert reconcile.returncode == 0, reconcile.stderr
+    host_rows = _artifact_rows("mqi-hosts")  # the UI's view of hosts, groups and GPUs
+    assert any(row.get("host") == f"cli-{tmp_path.name[-20:]}" for row in host_rows), host_rows
     unknown = mqi("--config", str(config), "cancel", "no-such-case", cwd=tmp_path)
     assert unknown.returncode == 1 and "no case has" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+def _artifact_rows(key: str) -> list[dict]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                           limit=1, sort=ArtifactSort.CREATED_DESC)
+    data = artifact.data
+    return json.loads(data) if isinstance(data, str) else data
 
 
 def _read(path: Path) -> str | None:
