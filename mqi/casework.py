@@ -230,8 +230,13 @@ class Waiter:
 
     @property
     def deadline(self) -> datetime:
-        started = self.attempt.started_at or self.attempt.submitted_at
-        return started + timedelta(hours=self.site.settings.case.timeout_hours)
+        """The engine gets timeout_hours from its start. Before it starts, a task queued ahead
+        may wait behind the group's running and earlier queued tasks, each held to the same limit."""
+        limit = timedelta(hours=self.site.settings.case.timeout_hours)
+        if self.attempt.started_at is not None:
+            return self.attempt.started_at + limit
+        group = self.site.placement(self.attempt.host, self.attempt.group).group
+        return self.attempt.submitted_at + limit * (1 + group.queue_ahead)
 
     def wait(self) -> WaitOutcome:
         poll = self.site.settings.case.poll_seconds
@@ -473,7 +478,8 @@ def cancel(site: Site, case: Case, actor: str, reason: str) -> bool:
 
 
 def total_slots(site: Site) -> int:
-    return sum(g.slots for h in site.settings.hosts for g in h.groups)
+    """Cases that may hold GPU groups at once (slots plus the cases queued ahead)."""
+    return sum(g.capacity for h in site.settings.hosts for g in h.groups)
 
 
 def cases_to_start(site: Site, launched: set[int]) -> list[Case]:

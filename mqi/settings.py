@@ -99,7 +99,17 @@ class CaseSettings(StrictModel):
 class GroupSettings(StrictModel):
     name: str = Field(pattern=NAME_PATTERN)
     slots: int = Field(1, ge=1)
+    queue_ahead: int = Field(
+        0, ge=0,
+        description="cases per group uploaded and queued in pueue beyond its slots, so pueue starts the next "
+                    "task the moment one ends; pueue's own group parallelism must then equal slots",
+    )
     devices: str | None = Field(None, description="CUDA_VISIBLE_DEVICES for tasks of this group")
+
+    @property
+    def capacity(self) -> int:
+        """Cases that may hold this group at once: running on its GPUs, or queued right behind."""
+        return self.slots + self.queue_ahead
 
     @field_validator("devices", mode="before")
     @classmethod

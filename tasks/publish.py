@@ -28,11 +28,13 @@ log = logging.getLogger(__name__)
 # A slot whose holder died is given back when its lease runs out unrenewed (a third of this
 # between renewals while the holder lives), or at once by reconcile or the case's next run.
 SLOT_LEASE_SECONDS = 60
-SLOT_RETRY_SECONDS, SLOT_RETRY_MAX_SECONDS = 1.0, 10.0  # between rounds over the candidate groups
+# Between rounds over the candidate groups: short, since only cases the inbox scan admitted
+# (as many as the groups hold) wait here, and a freed slot should not stay idle.
+SLOT_RETRY_SECONDS = 1.0
 
 
 def ensure_gpu_limits(settings: Settings) -> None:
-    """One Prefect global concurrency limit per host and group, limit = slots."""
+    """One Prefect global concurrency limit per host and group, limit = slots + queue_ahead."""
     with get_client(sync_client=True) as client:
         for host in settings.hosts:
             for group in host.groups:
@@ -40,11 +42,11 @@ def ensure_gpu_limits(settings: Settings) -> None:
                 try:
                     existing = client.read_global_concurrency_limit_by_name(name)
                 except ObjectNotFound:
-                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=group.slots))
+                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=group.capacity))
                     continue
-                if existing.limit != group.slots or not existing.active:
+                if existing.limit != group.capacity or not existing.active:
                     client.update_global_concurrency_limit(
-                        name, GlobalConcurrencyLimitUpdate(limit=group.slots, active=True)
+                        name, GlobalConcurrencyLimitUpdate(limit=group.capacity, active=True)
                     )
 
 
@@ -59,7 +61,6 @@ def gpu_slot(case: Case, candidates: list[Placement]):
     """
     state_dir = get_site().settings.state_dir
     release_orphaned_lease(state_dir, case.id)
-    delay = SLOT_RETRY_SECONDS
     while True:
         for placement in candidates:
             lease_id = _take_slot(placement.limit_name)
@@ -72,8 +73,7 @@ def gpu_slot(case: Case, candidates: list[Placement]):
                     _release_lease(lease_id)
                     claims.forget_lease(state_dir, case.id)
                 return
-        time.sleep(delay)
-        delay = min(delay * 2, SLOT_RETRY_MAX_SECONDS)
+        time.sleep(SLOT_RETRY_SECONDS)
 
 
 def _take_slot(limit_name: str) -> str | None:

@@ -415,3 +415,20 @@ def test_a_case_pinned_to_a_down_host_waits_for_it(tmp_path, sshd, fake_pueue):
         sshd.start()
     runner.join(180)
     assert result["state"] == "completed"
+
+
+def test_queue_ahead_has_the_next_case_waiting_in_pueue_before_the_gpu_frees(tmp_path, sshd, fake_pueue):
+    groups = ({"name": "default", "slots": 1, "queue_ahead": 1},)  # pueue's own parallel: 1
+    # Each task runs longer than admitting the next case takes (a slot try, a `pueue add`).
+    start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue, groups=groups)],
+                       command="sleep 6; " + OUTPUT))
+    folders = [make_case(tmp_path, f"ahead-{n}") for n in range(3)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        assert list(pool.map(run_case, folders)) == ["completed"] * 3
+
+    assert fake_pueue.max_concurrent("default") == 1  # the GPU stays exclusive
+    done = sorted((t["status"]["Done"] for t in fake_pueue.status()["tasks"].values()), key=lambda d: d["start"])
+    for previous, following in zip(done, done[1:]):
+        assert following["enqueued_at"] < previous["end"]  # queued before the GPU was free
