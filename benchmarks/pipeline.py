@@ -42,6 +42,8 @@ MARKER = "READY"
 POLL_SECONDS = 2.0
 SCAN_SECONDS = 2.0
 GROUPS = {"gpu0": 1, "gpu1": 1}
+# One more case per group waits uploaded in pueue, so pueue starts it the moment the GPU frees.
+QUEUE_AHEAD = 1
 COMMAND = "sh run.sh && mkdir -p output && : > output/done"
 STOP_TIMEOUT = 60
 MEMORY_TARGET_MB = 500
@@ -180,7 +182,9 @@ def _kill_group(pid: int) -> None:
 
 @contextmanager
 def main_job(lab: Lab) -> Iterator[MainJob]:
-    host = lab.host("pipeline", GROUPS)
+    host = lab.host("pipeline", GROUPS)  # pueue's parallelism per group = its slots
+    for group in host["groups"]:
+        group["queue_ahead"] = QUEUE_AHEAD
     settings = lab.settings("pipeline", host, inbox={"ready_marker": MARKER, "scan_seconds": SCAN_SECONDS},
                             command=COMMAND, poll_seconds=POLL_SECONDS)
     settings.inbox.path.mkdir(parents=True)
@@ -363,7 +367,7 @@ def run(lab: Lab, *, overhead_cases: int = 20, gap_cases: int = 50, gap_seconds:
         rows += burst_rows
         notes += burst_notes
     notes.insert(0, f"`mqi run` with poll {POLL_SECONDS:g} s, scan-inbox every {SCAN_SECONDS:g} s, ready marker "
-                    f"`{MARKER}`, groups {GROUPS} on one host over SSH; SQLite ledger and embedded Prefect server "
+                    f"`{MARKER}`, groups {GROUPS} (queue_ahead {QUEUE_AHEAD}) on one host over SSH; SQLite ledger and embedded Prefect server "
                     "(SQLite).")
     return Section("The main job (`mqi run`): overhead, GPU idle gap, burst", rows, notes)
 
