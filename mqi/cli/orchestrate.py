@@ -66,11 +66,22 @@ def submit(
     site = start_site(settings)
     from flows.process_case import process_case
 
-    # By id: a folder name need not be UTF-8, and flow parameters travel as JSON.
-    case, _ = site.ledger.register_case(path.resolve(), actor="cli")
-    state = process_case(case=str(case.id), host=host, group=group)
-    typer.echo(f"case {case.name}: {state}")
+    state = process_case(case=_flow_parameter(site, path.resolve()), host=host, group=group)
+    from mqi.ledger.store import display_text
+
+    typer.echo(f"case {display_text(path.name)}: {state}")
     raise typer.Exit(0 if state == "completed" else 1)
+
+
+def _flow_parameter(site, folder: Path) -> str:
+    """The folder for the flow; flow parameters travel as JSON, so a name that is not UTF-8
+    is registered here and the case passed by its id."""
+    try:
+        os.fsencode(folder).decode("utf-8")
+        return str(folder)
+    except UnicodeDecodeError:
+        case, _ = site.ledger.register_case(folder, actor="cli")
+        return str(case.id)
 
 
 @app.command()
