@@ -11,6 +11,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import typer
 import yaml
 from rich.console import Console
 
@@ -69,7 +70,7 @@ def run_demo(folder: Path, count: int) -> None:
         states = list(pool.map(lambda case: process_case(case=str(case.id)), cases))
     from mqi.cli.cases import status_lines
 
-    console.print("\n".join(status_lines(site.ledger.overview(), settings.tz, utc_now())), highlight=False)
+    typer.echo("\n".join(status_lines(site.ledger.overview(), settings.tz, utc_now())))  # strips colour off a tty
     config = folder / "mqi.yaml"
     config.write_text(yaml.safe_dump(settings.masked() | {"ledger": {"url": settings.ledger.url.get_secret_value()}}))
     console.print(f"results in {settings.results_dir}")
