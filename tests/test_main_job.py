@@ -71,8 +71,13 @@ def test_main_job_processes_the_inbox_shows_its_ui_refuses_a_twin_and_stops_on_c
         except subprocess.TimeoutExpired:
             os.killpg(job.pid, signal.SIGKILL)
             raise
+    # A scan or reconcile run caught mid-way by Ctrl-C is reported crashed by Prefect itself
+    # (its own traceback); no error may come from our code.
     output = log.read_text()
-    assert "Traceback" not in output, output[-3000:]
+    ours = [line for line in output.splitlines()
+            if 'File "' in line and any(f"/{part}/" in line for part in ("mqi", "flows", "tasks", "blocks"))]
+    assert not ours, output[-3000:]
+    assert "error:" not in output, output[-3000:]
     time.sleep(1)
     try:
         urllib.request.urlopen(f"{api}/health", timeout=2)
