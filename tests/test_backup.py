@@ -39,7 +39,8 @@ def _write_cases(url: str, worker: int, stop) -> None:
 
 
 def _case_count(database: Path) -> int:
-    with sqlite3.connect(database) as connection:
+    # A generous wait: four writers keep the database busy on a loaded machine.
+    with sqlite3.connect(database, timeout=60) as connection:
         return connection.execute("SELECT count(*) FROM cases").fetchone()[0]
 
 
@@ -80,6 +81,10 @@ def test_backup_while_four_processes_write_is_consistent(tmp_path):
             time.sleep(0.1)
         reports = []
         for number in range(3):
+            # Each backup after the first waits for the writers to have moved on since the last.
+            while reports and _case_count(database) <= reports[-1][1].cases:
+                assert time.monotonic() < deadline + 60, "the writers stopped writing"
+                time.sleep(0.1)
             before = _case_count(database)
             reports.append((before, backup_ledger(url, tmp_path / f"copy{number}.db")))
             assert all(writer.is_alive() for writer in writers)
