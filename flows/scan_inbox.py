@@ -1,4 +1,8 @@
-"""`scan-inbox`: register complete case folders and start as many cases as slots allow."""
+"""`scan-inbox`: register complete case folders and start as many cases as slots allow.
+
+`mqi run` does the same in its own loop (flows/main_job.py); this flow is for sites that run
+it on a schedule through a worker, and for a scan started from the UI.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ from prefect import flow, get_run_logger, task
 
 from mqi import casework
 from mqi.inbox import InboxScanner
-from mqi.ledger.store import folder_key
 from mqi.runtime import get_site
 from tasks.launch import launch_cases, running_case_ids
 
@@ -14,13 +17,7 @@ from tasks.launch import launch_cases, running_case_ids
 @task(name="register-new-folders")
 def register_new_folders() -> int:
     site = get_site()
-    scanner = InboxScanner(site.settings.inbox)
-    known = {case.source for case in site.ledger.list_cases()}
-    new = 0
-    for ready in scanner.scan(known=lambda path: folder_key(path) in known).ready:
-        _, created = site.ledger.register_case(ready.path, actor="scan-inbox")
-        new += created
-    return new
+    return casework.register_ready_folders(site, InboxScanner(site.settings.inbox), actor="scan-inbox")
 
 
 @task(name="start-waiting-cases")

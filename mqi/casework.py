@@ -19,11 +19,14 @@ from mqi import transfer
 from mqi.errors import MqiError
 from mqi.gpu import cached_gpu_report, foreign_processes
 from mqi.host_health import host_health, reachable_hosts
+from mqi.inbox import InboxScanner
 from mqi.faults import fault_point
 from mqi.ledger.records import Attempt, Case
+from mqi.ledger.store import folder_key
 from mqi.ledger.states import ACTIVE_STATES, AttemptResult, CaseState, FailureCategory
 from mqi.queue.base import QueueError, SubmitRequest, TaskInfo, TaskResult, TaskState
 from mqi.site import Placement, Site
+from mqi.stopping import pause
 from mqi.transport.base import TransportError
 
 log = logging.getLogger(__name__)
@@ -89,7 +92,7 @@ def slot_candidates(site: Site, case: Case, chosen: Placement, group: str | None
 
 
 def wait_for_placement(site: Site, case: Case, host: str | None, group: str | None,
-                       sleep: Callable[[float], None] = time.sleep) -> Placement:
+                       sleep: Callable[[float], None] = pause) -> Placement:
     """A case whose hosts are all down waits for one to come back; it does not fail."""
     delay = site.settings.case.poll_seconds
     while True:
@@ -216,7 +219,7 @@ class Waiter:
     attempt: Attempt
     actor: str
     on_progress: Callable[[int], None] = lambda percent: None
-    sleep: Callable[[float], None] = time.sleep
+    sleep: Callable[[float], None] = pause
     clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
     _last_progress: float = field(default=0.0, init=False)
 
@@ -475,6 +478,16 @@ def cancel(site: Site, case: Case, actor: str, reason: str) -> bool:
 
 
 # -- admission and reconciliation ----------------------------------------------------------
+
+
+def register_ready_folders(site: Site, scanner: InboxScanner, actor: str) -> int:
+    """Complete inbox folders the ledger does not know yet become pending cases; how many."""
+    known = {case.source for case in site.ledger.list_cases()}
+    new = 0
+    for ready in scanner.scan(known=lambda path: folder_key(path) in known).ready:
+        _, created = site.ledger.register_case(ready.path, actor=actor)
+        new += created
+    return new
 
 
 def total_slots(site: Site) -> int:

@@ -47,7 +47,11 @@ def running_case_ids() -> set[int]:
     return ids
 
 
+def flow_run_name(case: Case) -> str:
+    return f"case-{case.name}-{case.uid}"[:100]
+
+
 def launch_cases(cases: list[Case]) -> None:
     for case in cases:
         run_deployment(PROCESS_CASE_DEPLOYMENT, parameters={"case": str(case.id)}, timeout=0,
-                       flow_run_name=f"case-{case.name}-{case.uid}"[:100])
+                       flow_run_name=flow_run_name(case))

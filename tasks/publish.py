@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from contextlib import contextmanager
 from uuid import UUID
 
@@ -21,6 +20,7 @@ from mqi.ledger.states import CaseState
 from mqi.runtime import get_site, site_hooks
 from mqi.settings import Settings
 from mqi.site import Placement, Site, gpu_limit_name
+from mqi.stopping import pause
 from mqi.timefmt import local_text
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def gpu_slot(case: Case, candidates: list[Placement]):
                     _release_lease(lease_id)
                     claims.forget_lease(state_dir, case.id)
                 return
-        time.sleep(SLOT_RETRY_SECONDS)
+        pause(SLOT_RETRY_SECONDS)
 
 
 def _take_slot(limit_name: str) -> str | None:

@@ -22,15 +22,15 @@ from mqi.queue.pueue import PueueQueue
 from mqi.queue.pueue_json import PueueOutputError
 from mqi.settings import load_settings
 from mqi.transport.local import LocalTransport
-from tests.support.faults import partial_bytes, small_filesystem, tree_digest
-from tests.test_process_case import (
-    _state,
+from tests.support.cases import (
+    case_state,
     run_case,
     settings_for,
     ssh_host,
     start,
     wait_for,
 )
+from tests.support.faults import partial_bytes, small_filesystem, tree_digest
 
 ENGINE = "mkdir -p output && find . -path ./output -prune -o -type f -print | sort > output/listing"
 CANARY = "MQI_CANARY"
@@ -137,7 +137,7 @@ def test_case_folder_changed_while_uploading_fails_as_input(tmp_path, sshd, fake
     big.write_bytes(b"x" * 48 * 2**20)
     with ThreadPoolExecutor(max_workers=1) as pool:
         state = pool.submit(run_case, folder)
-        wait_for(lambda: _state(site, folder) is not None, what="registration")
+        wait_for(lambda: case_state(site, folder) is not None, what="registration")
         uid = site.ledger.find_case(str(folder)).uid
         wait_for(lambda: partial_bytes(Path(host["workdir"]), uid) > 0, timeout=60, what="the upload")
         with big.open("ab") as grow:
@@ -159,7 +159,7 @@ def test_case_folder_replaced_while_uploading_is_never_sent_mixed(tmp_path, sshd
     old = tree_digest(folder)
     with ThreadPoolExecutor(max_workers=1) as pool:
         state = pool.submit(run_case, folder)
-        wait_for(lambda: _state(site, folder) is not None, what="registration")
+        wait_for(lambda: case_state(site, folder) is not None, what="registration")
         uid = site.ledger.find_case(str(folder)).uid
         wait_for(lambda: partial_bytes(Path(host["workdir"]), uid) > 0, timeout=60, what="the upload")
         folder.rename(folder.with_name("replaced.old"))
@@ -208,7 +208,7 @@ def test_group_unknown_to_pueue_fails_the_case_clearly_and_others_go_on(tmp_path
     with pytest.raises(Exception, match="no pueue group 'nosuch' on this host"):
         run_case(wrong, group="nosuch")
     assert run_case(right, group="default") == "completed"
-    assert _state(site, wrong) is not CaseState.COMPLETED
+    assert case_state(site, wrong) is not CaseState.COMPLETED
     assert len(fake_pueue.status()["tasks"]) == 1
 
 
@@ -218,7 +218,7 @@ def test_paused_group_accepts_the_task_which_waits_until_started(tmp_path, sshd,
     folder = good_case(_inbox(tmp_path), "paused-group")
     with ThreadPoolExecutor(max_workers=1) as pool:
         state = pool.submit(run_case, folder)
-        wait_for(lambda: _state(site, folder) is CaseState.QUEUED, timeout=60, what="the task to be queued")
+        wait_for(lambda: case_state(site, folder) is CaseState.QUEUED, timeout=60, what="the task to be queued")
         from mqi.host_report import check_host
 
         report = check_host(site, site.settings.hosts[0], timeout=15)
@@ -318,7 +318,7 @@ def test_pueue_status_garbled_for_a_while_does_not_fail_a_waiting_case(tmp_path,
     folder = good_case(_inbox(tmp_path), "garbled-status")
     with ThreadPoolExecutor(max_workers=1) as pool:
         state = pool.submit(run_case, folder)
-        wait_for(lambda: _state(site, folder) is CaseState.RUNNING, timeout=60, what="the case to run")
+        wait_for(lambda: case_state(site, folder) is CaseState.RUNNING, timeout=60, what="the case to run")
         switch.touch()
         time.sleep(3)
         switch.unlink()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.test_process_case import make_case, pid_alive, wait_for
+from tests.support.cases import make_case, pid_alive, wait_for
 
 MQI = [sys.executable, "-m", "mqi.cli"]
 # The user's shell, not the test harness: no Prefect or mqi settings leak into the commands.

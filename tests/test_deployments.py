@@ -12,7 +12,14 @@ import yaml
 
 from mqi.ledger.states import AttemptResult, CaseState
 from mqi.ledger.store import CaseNotFound
-from tests.test_process_case import make_case, pid_alive, settings_for, ssh_host, start, wait_for
+from tests.support.cases import (
+    make_case,
+    pid_alive,
+    settings_for,
+    ssh_host,
+    start,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
@@ -157,8 +164,9 @@ def _running_case(site, folder):
 
 
 def test_reconcile_resumes_a_case_whose_worker_died_with_one_remote_task(worker_site, fake_pueue):
-    from flows.reconcile import reconcile
     from prefect.deployments import run_deployment
+
+    from flows.reconcile import reconcile
 
     site, root = worker_site
     folder = make_case(root, "orphan-case")

@@ -20,6 +20,15 @@ from mqi import casework
 from mqi.claims import claimed_case_ids
 from mqi.ledger.states import AttemptResult, CaseState
 from tasks.publish import SLOT_LEASE_SECONDS
+from tests.support.cases import (
+    case_state,
+    make_case,
+    run_case,
+    settings_for,
+    ssh_host,
+    start,
+    wait_for,
+)
 from tests.support.faults import (
     active_slots,
     kill_when_transfer_under_way,
@@ -29,15 +38,6 @@ from tests.support.faults import (
     tree_digest,
     wait_for_death,
     write_config,
-)
-from tests.test_process_case import (
-    _state,
-    make_case,
-    run_case,
-    settings_for,
-    ssh_host,
-    start,
-    wait_for,
 )
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -121,7 +121,7 @@ def crash_and_resume(tmp_path: Path, sshd, fake_pueue, prefect_api_url: str, poi
 
 
 def _wait_case(site, folder):
-    wait_for(lambda: _state(site, folder) is not None, timeout=90, what="the child to register the case")
+    wait_for(lambda: case_state(site, folder) is not None, timeout=90, what="the child to register the case")
     return site.ledger.find_case(str(folder))
 
 

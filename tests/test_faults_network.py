@@ -16,6 +16,15 @@ import pytest
 
 from mqi.host_report import check_host
 from mqi.ledger.states import AttemptResult, CaseState, FailureCategory
+from tests.support.cases import (
+    case_state,
+    make_case,
+    run_case,
+    settings_for,
+    ssh_host,
+    start,
+    wait_for,
+)
 from tests.support.faults import (
     partial_bytes,
     small_filesystem,
@@ -23,15 +32,6 @@ from tests.support.faults import (
     staging_leftovers,
     tasks_labelled,
     tree_digest,
-)
-from tests.test_process_case import (
-    _state,
-    make_case,
-    run_case,
-    settings_for,
-    ssh_host,
-    start,
-    wait_for,
 )
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -69,7 +69,7 @@ def test_cases_waiting_through_a_20_second_ssh_outage_all_complete(tmp_path, ssh
     folders = [make_case(tmp_path, f"outage-{n}") for n in range(3)]
     with ThreadPoolExecutor(max_workers=3) as pool:
         states = [pool.submit(run_case, folder) for folder in folders]
-        wait_for(lambda: all(_state(site, f) in (CaseState.QUEUED, CaseState.RUNNING) for f in folders),
+        wait_for(lambda: all(case_state(site, f) in (CaseState.QUEUED, CaseState.RUNNING) for f in folders),
                  timeout=90, what="all cases to be submitted")
         sshd.stop()
         try:
@@ -90,7 +90,7 @@ def test_connection_cut_mid_transfer_is_retried_and_verified(tmp_path, sshd, fak
     if direction == "upload":
         (folder / "machine.log").write_bytes(b"\x5a" * BIG)
     runner, outcome = run_in_background(folder)
-    wait_for(lambda: _state(site, folder) is not None, what="the case to be registered")
+    wait_for(lambda: case_state(site, folder) is not None, what="the case to be registered")
     case = site.ledger.find_case(str(folder))
     staging = (Path(host["workdir"]), case.uid) if direction == "upload" else (site.settings.results_dir, folder.name)
     wait_for(lambda: partial_bytes(*staging) > 0, timeout=60, what=f"the {direction} to be under way")
@@ -117,7 +117,7 @@ def test_pueue_daemon_restart_fails_the_case_and_reports_the_paused_group(tmp_pa
     site = start(settings_for(tmp_path, [host], command="sleep 60"))
     folder = make_case(tmp_path, "restart-case")
     runner, outcome = run_in_background(folder)
-    wait_for(lambda: _state(site, folder) is CaseState.RUNNING, timeout=60, what="the case to run")
+    wait_for(lambda: case_state(site, folder) is CaseState.RUNNING, timeout=60, what="the case to run")
     fake_pueue.run("add", "--group", "default", "--label", "someone-else", "--", "sleep 1")  # waits behind ours
 
     fake_pueue.restart_daemon(graceful=False)
@@ -179,7 +179,7 @@ def test_ledger_locked_by_another_process_delays_but_loses_no_step(tmp_path, ssh
     site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command="sleep 1; " + OUTPUT))
     folder = make_case(tmp_path, "locked-case")
     runner, outcome = run_in_background(folder)
-    wait_for(lambda: _state(site, folder) in (CaseState.QUEUED, CaseState.RUNNING), timeout=60, what="submission")
+    wait_for(lambda: case_state(site, folder) in (CaseState.QUEUED, CaseState.RUNNING), timeout=60, what="submission")
     with sqlite_write_lock(tmp_path / "mqi.db", seconds=5):
         time.sleep(5)
     runner.join(90)

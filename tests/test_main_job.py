@@ -8,13 +8,17 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
+from uuid import UUID
 
+import pytest
 import yaml
 
-from tests.test_process_case import wait_for
+from mqi.ledger.states import AttemptResult, CaseState
+from tests.support.cases import OUTPUT, case_state, local_host, make_case, pid_alive, settings_for, start, wait_for
 
 MQI = [sys.executable, "-m", "mqi.cli"]
 
@@ -84,3 +88,101 @@ def test_main_job_processes_the_inbox_shows_its_ui_refuses_a_twin_and_stops_on_c
         raise AssertionError("the embedded Prefect server outlived mqi run")
     except OSError:
         pass
+
+
+# -- the main job's loop in this process: runs as threads, UI cancellation, stop and resume --
+
+
+@pytest.fixture
+def main_job(prefect_server):
+    """Start `MainJob.run` in a thread for the given site; stopped (and joined) at the end."""
+    from flows.main_job import MainJob
+
+    started = []
+
+    def start_job(site):
+        job = MainJob(site)
+        thread = threading.Thread(target=job.run, name="main-job", daemon=True)
+        thread.start()
+        started.append((job, thread))
+        return job, thread
+
+    yield start_job
+    for job, thread in started:
+        job.shutdown()
+        thread.join(60)
+
+
+def flow_run_of(case):
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(UUID(case.flow_run_id)) if case.flow_run_id else None
+
+
+def live_attempt(site, folder):
+    case = site.ledger.find_case(str(folder))
+    return site.ledger.live_attempt(case.id)
+
+
+def test_inbox_cases_run_as_threads_of_the_job_and_a_ui_cancel_kills_the_task(tmp_path, main_job):
+    from prefect import get_client
+    from prefect.states import Cancelling
+
+    pid_file = tmp_path / "engine.pid"
+    site = start(settings_for(tmp_path, [local_host(tmp_path)], command=f"echo $$ > {pid_file}; exec sleep 60"))
+    job, _ = main_job(site)
+    folder = make_case(tmp_path, "case-a")
+
+    wait_for(lambda: case_state(site, folder) is CaseState.RUNNING, timeout=60, what="the case to run")
+    attempt = live_attempt(site, folder)
+    run_id = UUID(attempt.flow_run_id)
+    assert run_id in job.runs and job.runs[run_id].thread.is_alive()  # a thread here, not a process
+    assert any(t.name == job.runs[run_id].thread.name for t in threading.enumerate())
+    engine_pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), what="the engine"))
+    assert pid_alive(engine_pid)
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Cancelling(message="from the UI"), force=True)
+    wait_for(lambda: case_state(site, folder) is CaseState.CANCELLED, timeout=60, what="the case cancelled")
+    assert not pid_alive(engine_pid)
+    [attempt] = site.ledger.attempts(site.ledger.find_case(str(folder)).id)
+    assert attempt.result is AttemptResult.CANCELLED
+    with get_client(sync_client=True) as client:
+        wait_for(lambda: client.read_flow_run(run_id).state.is_cancelled(), timeout=30, what="the run cancelled")
+
+
+def test_stopping_the_job_leaves_cases_to_resume_with_the_same_task(tmp_path, main_job):
+    from prefect import get_client
+
+    site = start(settings_for(tmp_path, [local_host(tmp_path)], command="sleep 4; " + OUTPUT))
+    job, thread = main_job(site)
+    folder = make_case(tmp_path, "case-a")
+    wait_for(lambda: case_state(site, folder) is CaseState.RUNNING, timeout=60, what="the case to run")
+    first = live_attempt(site, folder)
+
+    job.shutdown()
+    thread.join(30)
+    assert not thread.is_alive() and not job.runs[UUID(first.flow_run_id)].thread.is_alive()
+    assert case_state(site, folder) is CaseState.RUNNING  # not failed: the task goes on on the host
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(UUID(first.flow_run_id)).state.is_crashed()
+
+    main_job(site)  # started again: reconcile resumes the case with the task it already has
+    wait_for(lambda: case_state(site, folder) is CaseState.COMPLETED, timeout=90, what="the case resumed")
+    [attempt] = site.ledger.attempts(site.ledger.find_case(str(folder)).id)
+    assert (attempt.task_id, attempt.result) == (first.task_id, AttemptResult.SUCCESS)
+    assert (tmp_path / "results" / "case-a" / "dose.dcm").exists()
+
+
+def test_a_run_started_through_the_api_is_carried_by_the_job(tmp_path, main_job):
+    from prefect.deployments import run_deployment
+
+    site = start(settings_for(tmp_path, [local_host(tmp_path)], command=OUTPUT))
+    job, _ = main_job(site)
+    elsewhere = make_case(tmp_path / "elsewhere", "case-b")  # not in the inbox: only the API starts it
+    wait_for(lambda: "process-case" in job.deployment_of, what="the deployments")
+
+    run = run_deployment("process-case/process-case", parameters={"case": str(elsewhere)}, timeout=60)
+    assert run.state.is_completed(), run.state
+    assert case_state(site, elsewhere) is CaseState.COMPLETED

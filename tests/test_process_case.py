@@ -13,83 +13,23 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mqi.ledger.store import CaseNotFound
 from mqi.ledger.states import AttemptResult, CaseState, FailureCategory
-from mqi.runtime import use_settings
-from mqi.settings import Settings
+from mqi.ledger.store import CaseNotFound
+from tests.support.cases import (
+    OUTPUT,
+    case_state,
+    local_host,
+    make_case,
+    pid_alive,
+    run_case,
+    settings_for,
+    ssh_host,
+    start,
+    unique_host,
+    wait_for,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-
-OUTPUT = "mkdir -p output && cp RTPLAN.dcm output/dose.dcm"
-
-
-def make_case(root: Path, name: str) -> Path:
-    folder = root / "inbox" / name
-    (folder / "logs").mkdir(parents=True)
-    (folder / "RTPLAN.dcm").write_bytes(b"DICM plan of " + name.encode())
-    (folder / "logs" / "beam.log").write_text("spot,mu\n1,0.5\n")
-    return folder
-
-
-def settings_for(tmp_path: Path, hosts: list[dict], **case) -> Settings:
-    return Settings(
-        state_dir=tmp_path / ".mqi",
-        results_dir=tmp_path / "results",
-        ledger={"url": f"sqlite:///{tmp_path / 'mqi.db'}"},
-        inbox={"path": tmp_path / "inbox", "quiet_seconds": 0},
-        case={"poll_seconds": 0.2, **case},
-        hosts=hosts,
-    )
-
-
-def start(settings: Settings):
-    from tasks.publish import ensure_gpu_limits
-
-    site = use_settings(settings)
-    ensure_gpu_limits(settings)
-    return site
-
-
-def unique_host(tmp_path: Path, prefix: str) -> str:
-    # Prefect limits outlive a test in the shared server: each test gets its own host name.
-    return f"{prefix}-{abs(hash(str(tmp_path))) % 10**8}"
-
-
-def local_host(tmp_path: Path, groups=({"name": "gpu0", "slots": 1, "devices": "0"},)) -> dict:
-    return {"name": unique_host(tmp_path, "local"), "transport": "local", "queue": "local",
-            "workdir": str(tmp_path / "work"), "groups": list(groups)}
-
-
-def ssh_host(tmp_path: Path, sshd, pueue, groups=({"name": "default", "slots": 1},)) -> dict:
-    return {"name": unique_host(tmp_path, "gpu"), "transport": "ssh", "queue": "pueue",
-            "hostname": sshd.hostname, "port": sshd.port, "username": sshd.username,
-            "key_file": str(sshd.key_file), "known_hosts": str(sshd.known_hosts),
-            "pueue": str(pueue.bin), "workdir": str(tmp_path / "remote"), "groups": list(groups)}
-
-
-def run_case(folder: Path, **kwargs) -> str:
-    from flows.process_case import process_case
-
-    return process_case(case=str(folder), **kwargs)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split(") ")[1][0] != "Z"
-
-
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_success_on_the_local_queue_keeps_where_it_ran(tmp_path):
@@ -165,7 +105,7 @@ def test_host_outage_while_waiting_does_not_fail_the_case(tmp_path, sshd, fake_p
     result = {}
     runner = threading.Thread(target=lambda: result.setdefault("state", run_case(folder)))
     runner.start()
-    wait_for(lambda: _state(site, folder) in (CaseState.QUEUED, CaseState.RUNNING), what="the case to be submitted")
+    wait_for(lambda: case_state(site, folder) in (CaseState.QUEUED, CaseState.RUNNING), what="the case to be submitted")
     sshd.stop()
     # Longer than the transport's own reconnect attempts (about 7 s), so the wait sees it.
     time.sleep(12)
@@ -208,13 +148,6 @@ def test_flow_killed_after_submission_is_resumed_with_one_remote_task(tmp_path, 
     assert run_case(folder) == "completed"
     assert len(fake_pueue.status()["tasks"]) == 1
     assert len(site.ledger.attempts(case.id)) == 1
-
-
-def _state(site, folder):
-    try:
-        return site.ledger.find_case(str(folder)).state
-    except CaseNotFound:
-        return None
 
 
 def _task_id(site, folder):
@@ -296,7 +229,7 @@ def test_cancel_kills_the_remote_task(tmp_path, sshd, fake_pueue):
 
 
 def _running(site, folder):
-    if _state(site, folder) is CaseState.RUNNING:
+    if case_state(site, folder) is CaseState.RUNNING:
         return site.ledger.find_case(str(folder))
     return None
 
@@ -360,7 +293,7 @@ def test_progress_from_the_engine_log_reaches_the_ledger_while_it_runs(tmp_path)
     runner = threading.Thread(target=lambda: result.setdefault("state", run_case(folder)))
     runner.start()
 
-    wait_for(lambda: _state(site, folder) is CaseState.RUNNING and site.ledger.find_case(str(folder)).progress == 25,
+    wait_for(lambda: case_state(site, folder) is CaseState.RUNNING and site.ledger.find_case(str(folder)).progress == 25,
              timeout=30, what="25 % progress while the engine runs")
     runner.join(60)
     assert result["state"] == "completed" and site.ledger.find_case(str(folder)).progress == 100
@@ -410,7 +343,7 @@ def test_a_case_pinned_to_a_down_host_waits_for_it(tmp_path, sshd, fake_pueue):
             site.status(host["name"]).snapshot()
         runner.start()
         time.sleep(3)
-        assert runner.is_alive() and _state(site, folder) is CaseState.PENDING  # waiting, not failed
+        assert runner.is_alive() and case_state(site, folder) is CaseState.PENDING  # waiting, not failed
     finally:
         sshd.start()
     runner.join(180)

@@ -13,10 +13,10 @@ from sqlalchemy import MetaData, create_engine, make_url, select
 from mqi.ledger.states import CaseState
 from mqi.logfile import setup_main_job_logging
 from mqi.settings import Settings
+from tests.support.cases import make_case, run_case, settings_for, ssh_host, start
 from tests.support.databases import _fresh_postgres_schema
 from tests.support.sshd import generate_key
 from tests.test_bad_input import SHELL_BAIT, canaries
-from tests.test_process_case import make_case, run_case, settings_for, ssh_host, start
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -7,6 +7,7 @@ environment from our settings first and imports the flows after that.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -19,10 +20,6 @@ from mqi.logfile import setup_main_job_logging
 from mqi.prefect_server import apply_prefect_env, configure_prefect_env, use_prefect
 from mqi.settings import Settings
 
-PROCESS_CASE_LIMIT_PER_SLOT = 2  # one run holding each slot plus one waiting for it
-# How often the runner asks the server for runs to start. Prefect's default (10 s) came twice
-# into every case's start: once for the scan that registers it, once for its own run.
-RUNNER_QUERY_SECONDS = 1.0
 
 
 def prepare_prefect(settings: Settings) -> None:
@@ -140,32 +137,23 @@ def run() -> None:
         log_file = setup_main_job_logging(settings)  # after use_prefect: Prefect's env is set
         typer.echo(f"Prefect UI: {api_url.removesuffix('/api')}  (API {api_url})")
         typer.echo(f"log file: {log_file}")
-        serve_deployments(settings)
+        serve_until_stopped(settings)
 
 
-def serve_deployments(settings: Settings) -> None:
-    """Serve process-case, scan-inbox and reconcile from this process until stopped."""
-    from prefect import serve
-    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-
-    from flows.process_case import process_case
-    from flows.reconcile import reconcile
-    from flows.scan_inbox import scan_inbox
-    from mqi.casework import total_slots
-
-    # One scan or reconcile at a time: overlapping scans launched the same case twice, and
-    # late runs piled up (each is a process start) until they filled the runner.
-    one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+def serve_until_stopped(settings: Settings) -> None:
+    """Scan, process cases and serve the UI's runs in this process until Ctrl-C or SIGTERM."""
     site = start_site(settings)
-    serve(
-        process_case.to_deployment(name="process-case"),
-        scan_inbox.to_deployment(name="scan-inbox", interval=settings.inbox.scan_seconds,
-                                 concurrency_limit=one_at_a_time),
-        reconcile.to_deployment(name="reconcile", interval=max(60.0, settings.case.poll_seconds),
-                                concurrency_limit=one_at_a_time),
-        limit=total_slots(site) * PROCESS_CASE_LIMIT_PER_SLOT + 2,
-        query_seconds=RUNNER_QUERY_SECONDS,
-    )
+    from flows.main_job import MainJob
+
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)  # systemd's stop: the same as Ctrl-C
+    try:
+        MainJob(site).run()
+    except KeyboardInterrupt:
+        typer.echo("mqi run: stopped")
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 @app.command()
