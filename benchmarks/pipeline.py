@@ -1,7 +1,7 @@
 """The main job as a site runs it: `mqi run` in a child process, cases dropped into its inbox.
 
-One `mqi run` (its embedded Prefect server, scan-inbox and process-case served from it) works
-against the lab's sshd and pueue stand-in, with two GPU groups of one slot. Three phases:
+One `mqi run` (its embedded Prefect server; its inbox scan and every case run as threads of
+its own process) works against the lab's sshd and pueue stand-in, with two GPU groups of one slot. Three phases:
 
 - overhead: 20 no-op cases one after another, each from the moment its folder appears in
   the inbox (one rename, ready marker inside) to `completed` in the ledger, less the time
@@ -58,7 +58,7 @@ API_ERROR = re.compile(r"\| ERROR +\||HTTPStatusError|Service Unavailable")
 class Sample:
     at: float
     main_mb: float  # the `mqi run` process itself
-    runs_mb: float  # flow-run processes it started (everything but the Prefect server)
+    runs_mb: float  # other processes it started (everything but the Prefect server)
     server_mb: float  # the embedded Prefect server
     run_processes: int
 
@@ -127,7 +127,7 @@ class MainJob:
                       max(s.server_mb for s in window), max(s.run_processes for s in window))
 
     def reconcile_runs(self) -> int:
-        """Reconcile runs so far: each is a process that also asks the hosts."""
+        """Reconcile runs so far: each also asks the hosts."""
         return self.output_file.read_text(errors="replace").count("for flow 'reconcile'")
 
     def api_errors(self) -> list[str]:
@@ -281,9 +281,9 @@ def idle_gap_phase(job: MainJob, ledger: Ledger, count: int, seconds: float) -> 
     row = Row(f"GPU idle gap between cases on one group ({count} cases of {seconds:g} s, 2 groups; "
               f"max {max(gaps):.1f} s)", f"{median(gaps):.1f} s median", "median at most 1 s", median(gaps) <= 1.0)
     total = max(t.states[CaseState.COMPLETED] for t in lines) - min(dropped.values())
-    note = (f"Idle gap: {len(gaps)} gaps; the next case's flow run began uploading a median "
-            f"{median(launch_waits):.1f} s after the previous task ended (its slot is only then free, and it "
-            f"is uploaded and submitted only after that). {count} cases took {total:.0f} s, against "
+    note = (f"Idle gap: {len(gaps)} gaps; the next case began uploading a median "
+            f"{median(launch_waits):.1f} s after the previous task ended (negative: it was uploaded and "
+            f"queued in pueue before). {count} cases took {total:.0f} s, against "
             f"{count * seconds / len(GROUPS):.0f} s of GPU time per group.")
     return [row], [note]
 
@@ -315,8 +315,8 @@ def burst_phase(job: MainJob, ledger: Ledger, count: int, observe: float) -> tup
     orchestrator_mb = peak.main_mb + peak.runs_mb  # the Prefect server is a service of its own at a site
     rows = [
         Row(f"burst of {count:,} folders: all registered", f"{registered:.1f} s", "at most 60 s", registered <= 60),
-        Row("burst: peak memory of the orchestrator (`mqi run` and its flow-run processes)",
-            f"{orchestrator_mb:.0f} MB ({peak.main_mb:.0f} main + {peak.runs_mb:.0f} flow runs; "
+        Row("burst: peak memory of the orchestrator (`mqi run` and any process it started)",
+            f"{orchestrator_mb:.0f} MB ({peak.main_mb:.0f} main + {peak.runs_mb:.0f} others; "
             f"embedded Prefect server {peak.server_mb:.0f} MB more)", f"at most {MEMORY_TARGET_MB} MB",
             orchestrator_mb <= MEMORY_TARGET_MB),
         Row("burst: Prefect API errors in the logs", f"{len(errors)} (whole run: {len(job.api_errors())})", "none",
@@ -325,8 +325,8 @@ def burst_phase(job: MainJob, ledger: Ledger, count: int, observe: float) -> tup
             f"{out_of_order} out of order", "in arrival order", bool(start_order) and out_of_order == 0),
     ]
     concurrent = max(job.lab.pueue.max_concurrent(group) for group in GROUPS)
-    notes = [f"Burst: the {count:,} folders appeared (renamed into the inbox) within {appeared:.1f} s. Peak flow-run "
-             f"processes at once: {peak.run_processes}; peak pueue tasks at once per group: {concurrent}; "
+    notes = [f"Burst: the {count:,} folders appeared (renamed into the inbox) within {appeared:.1f} s. Peak Python "
+             f"processes besides `mqi run` and its server: {peak.run_processes}; peak pueue tasks at once per group: {concurrent}; "
              f"{ended} burst tasks had finished when we stopped watching."]
     if errors:
         notes.append(f"Burst: first API error line: `{errors[0][:200].replace('|', '/')}`")
@@ -360,9 +360,8 @@ def run(lab: Lab, *, overhead_cases: int = 20, gap_cases: int = 50, gap_seconds:
             notes += phase_notes
         cases = overhead_cases + gap_cases
         logins = lab.sshd.logins() - logins_before
-        processes = cases + job.reconcile_runs()
-        rows.append(Row(f"SSH connections under `mqi run`: {cases} cases, {processes} flow runs using SSH (sshd log)",
-                        str(logins), "1 per host per process (each flow run is a process)", logins <= processes))
+        rows.append(Row(f"SSH connections under `mqi run`: {cases} cases and {job.reconcile_runs()} reconcile runs "
+                        "(sshd log)", str(logins), "1 per host per process (one process)", logins <= 1))
         burst_rows, burst_notes = burst_phase(job, ledger, burst_cases, burst_observe)
         rows += burst_rows
         notes += burst_notes

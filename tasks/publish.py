@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import random
 import threading
+import time
 from contextlib import contextmanager
 from uuid import UUID
 
+import httpx
 from prefect import get_client, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.events import emit_event
-from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+from prefect.exceptions import ObjectNotFound
 
 from mqi import claims
 from mqi.host_health import HostHealth
@@ -31,6 +34,7 @@ SLOT_LEASE_SECONDS = 60
 # Between rounds over the candidate groups: short, since only cases the inbox scan admitted
 # (as many as the groups hold) wait here, and a freed slot should not stay idle.
 SLOT_RETRY_SECONDS = 1.0
+BUSY_RETRY_SECONDS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 
 
 def ensure_gpu_limits(settings: Settings) -> None:
@@ -78,21 +82,36 @@ def gpu_slot(case: Case, candidates: list[Placement]):
 
 def _take_slot(limit_name: str) -> str | None:
     """A lease on one slot of the limit, or None when all its slots are taken."""
-    with get_client(sync_client=True) as client:
-        try:
-            response = client.increment_concurrency_slots_with_lease(
-                names=[limit_name], slots=1, mode="concurrency", lease_duration=SLOT_LEASE_SECONDS
-            )
-        except PrefectHTTPStatusError as exc:
-            if exc.response.status_code == 423:  # locked: no free slot
-                return None
-            raise
+    response = _post_promptly("/v2/concurrency_limits/increment-with-lease", {
+        "names": [limit_name], "slots": 1, "mode": "concurrency", "lease_duration": SLOT_LEASE_SECONDS,
+    })
+    if response.status_code == 423:  # locked: no free slot
+        return None
+    response.raise_for_status()
     return str(response.json()["lease_id"])
 
 
 def _release_lease(lease_id: str) -> None:
+    _post_promptly("/v2/concurrency_limits/decrement-with-lease", {"lease_id": lease_id}).raise_for_status()
+
+
+def _post_promptly(path: str, body: dict) -> httpx.Response:
+    """POST to the Prefect API, retrying a busy server after a short pause.
+
+    A Prefect server on SQLite (the embedded default) answers these two calls with 503 when
+    another write commits during theirs ("database is locked"; measured: once in most cases),
+    and Prefect's client then waits 2 s or more before it tries again: twice per case, on the
+    path from the inbox to the GPU and from the GPU to the results. Sent here without that
+    back-off; retried after 50 ms, doubling.
+    """
     with get_client(sync_client=True) as client:
-        client.release_concurrency_slots_with_lease(UUID(lease_id))
+        http = client._client  # Prefect's httpx client: its own send() adds the long back-off
+        for pause_seconds in (*BUSY_RETRY_SECONDS, None):
+            response = httpx.Client.send(http, http.build_request("POST", path, json=body))
+            if response.status_code != 503 or pause_seconds is None:
+                return response
+            time.sleep(pause_seconds * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")
 
 
 def release_orphaned_lease(state_dir, case_id: int) -> bool:
