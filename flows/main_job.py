@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from uuid import UUID
 
+import watchfiles
 from prefect import Flow, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import FlowRun, StateType
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 # UI asked to cancel; a finished case wakes it at once.
 QUERY_SECONDS = 1.0
 RECONCILE_MIN_SECONDS = 60.0
+# Changes in the inbox within this many milliseconds wake the loop once.
+INBOX_DEBOUNCE_MS = 200
 # On stop, how long cases may take to leave their steps (an upload under way finishes).
 STOP_GRACE_SECONDS = 10.0
 # Runs of process-case at once: one holding each slot plus one waiting for it.
@@ -61,6 +64,7 @@ class MainJob:
         self.deployment_of: dict[str, UUID] = {}
         self.runs: dict[UUID, RunThread] = {}
         self.wake = threading.Event()
+        self.inbox_changed = threading.Event()
         self._shutdown = threading.Event()
         self.case_run_limit = casework.total_slots(site) * CASE_RUNS_PER_SLOT
         self.reconcile_every = max(RECONCILE_MIN_SECONDS, site.settings.case.poll_seconds)
@@ -69,6 +73,7 @@ class MainJob:
         """Until stopped (Ctrl-C, SIGTERM, `shutdown`): scan, start, follow cancellations, reconcile."""
         stopping.reset()
         self.register_deployments()
+        threading.Thread(target=self._watch_inbox, name="inbox-watch", daemon=True).start()
         next_scan = next_reconcile = 0.0
         try:
             while not self._shutdown.is_set():
@@ -78,7 +83,8 @@ class MainJob:
                     if now >= next_reconcile:
                         self.start_new_run(reconcile, {}, "reconcile")
                         next_reconcile = now + self.reconcile_every
-                    if now >= next_scan or slot_freed:
+                    if now >= next_scan or slot_freed or self.inbox_changed.is_set():
+                        self.inbox_changed.clear()
                         self.scan_inbox()
                         next_scan = now + self.site.settings.inbox.scan_seconds
                     self.start_runs_from_elsewhere()
@@ -89,6 +95,20 @@ class MainJob:
                 self.wake.clear()
         finally:
             self.stop()
+
+    def _watch_inbox(self) -> None:
+        """A folder created or moved into the inbox wakes the loop at once. The periodic scan
+        stays: it sees quiet times end and markers written inside folders, and network shares
+        may report no changes at all."""
+        inbox = self.site.settings.inbox.path
+        try:
+            for _ in watchfiles.watch(inbox, recursive=False, debounce=INBOX_DEBOUNCE_MS, step=20,
+                                      stop_event=self._shutdown, raise_interrupt=False):
+                self.inbox_changed.set()
+                self.wake.set()
+        except (OSError, RuntimeError) as exc:  # no inbox yet, or no change notification here
+            log.info("inbox %s is not watched for changes (%s); scanned every %g s", inbox, exc,
+                     self.site.settings.inbox.scan_seconds)
 
     def shutdown(self) -> None:
         """Ask `run` to stop (from another thread)."""

@@ -186,3 +186,18 @@ def test_a_run_started_through_the_api_is_carried_by_the_job(tmp_path, main_job)
     run = run_deployment("process-case/process-case", parameters={"case": str(elsewhere)}, timeout=60)
     assert run.state.is_completed(), run.state
     assert case_state(site, elsewhere) is CaseState.COMPLETED
+
+
+def test_a_folder_moved_into_the_inbox_is_taken_at_once_not_at_the_next_scan(tmp_path, main_job):
+    settings = settings_for(tmp_path, [local_host(tmp_path)], command=OUTPUT)
+    settings.inbox.scan_seconds = 300  # the periodic scan would not come within this test
+    settings.inbox.path.mkdir(parents=True)
+    site = start(settings)
+    job, _ = main_job(site)
+    wait_for(lambda: any(t.name == "inbox-watch" for t in threading.enumerate()), what="the inbox watch")
+    time.sleep(2)  # the job's first scan is over: only a change can bring the next one early
+
+    staged = make_case(tmp_path / "staging", "case-w")
+    staged.rename(settings.inbox.path / "case-w")
+    wait_for(lambda: case_state(site, settings.inbox.path / "case-w") is CaseState.COMPLETED, timeout=60,
+             what="the moved folder to be processed")
