@@ -247,32 +247,22 @@ class Ledger:
             return [Case.from_row(row) for row in rows]
 
     def overview(self, state: CaseState | str | None = None) -> list[CaseOverview]:
-        """Cases by id, each with its latest attempt: two queries, whatever the number of cases.
-
-        Plain rows, not ORM objects: listing 10,000 cases must take well under a second.
-        """
+        """Cases by id, each with where its latest attempt ran: one query, only the columns shown."""
         cases, attempts = CaseRow.__table__, AttemptRow.__table__
-        case_query = select(cases).order_by(cases.c.id)
-        latest_numbers = select(attempts.c.case_id, func.max(attempts.c.number).label("number"))
-        if state is not None:
-            in_state = cases.c.state == CaseState(state).value
-            case_query = case_query.where(in_state)
-            latest_numbers = latest_numbers.where(
-                attempts.c.case_id.in_(select(cases.c.id).where(in_state))
-            )
-        latest = latest_numbers.group_by(attempts.c.case_id).subquery()
-        attempt_query = select(attempts).join(
-            latest,
-            (attempts.c.case_id == latest.c.case_id) & (attempts.c.number == latest.c.number),
+        latest = (select(attempts.c.case_id, func.max(attempts.c.number).label("number"))
+                  .group_by(attempts.c.case_id).subquery())
+        query = (
+            select(cases.c.id, cases.c.uid, cases.c.name, cases.c.state, cases.c.progress, cases.c.created_at,
+                   cases.c.updated_at, attempts.c.host, attempts.c.pueue_group, attempts.c.pueue_task_id)
+            .select_from(cases.outerjoin(latest, latest.c.case_id == cases.c.id).outerjoin(
+                attempts, (attempts.c.case_id == latest.c.case_id) & (attempts.c.number == latest.c.number)))
+            .order_by(cases.c.id)
         )
+        if state is not None:
+            query = query.where(cases.c.state == CaseState(state).value)
+        states = {s.value: s for s in CaseState}
         with self._reading() as session:
-            latest_attempts = {
-                row.case_id: Attempt.from_row(row) for row in session.execute(attempt_query)
-            }
-            return [
-                CaseOverview(Case.from_row(row), latest_attempts.get(row.id))
-                for row in session.execute(case_query)
-            ]
+            return [CaseOverview(r[0], r[1], r[2], states[r[3]], *r[4:]) for r in session.execute(query)]
 
     def transition(
         self,
