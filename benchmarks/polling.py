@@ -23,7 +23,7 @@ from mqi.ledger.states import CaseState
 from mqi.queue.base import SubmitRequest
 from mqi.queue.pueue import PueueQueue
 from mqi.queue.pueue_json import parse_status
-from mqi.site import Site
+from mqi.site import PROGRESS_EVERY_POLLS, PROGRESS_MIN_SECONDS, Site
 from mqi.transport.base import Transport
 from mqi.transport.local import LocalTransport
 from mqi.transport.ssh import SshTransport
@@ -136,9 +136,10 @@ def run(lab: Lab, *, counts: tuple[int, ...] = (1, 10, 100), tasks: int = 200, p
                     f"{cost['parse ms']:.1f} ms"))
     notes = [
         f"Poll interval {POLL_SECONDS:g} s; calls counted over {COUNTED_INTERVALS} intervals once every case "
-        "was running. 'Other' calls are `pueue log` reads for the progress of running cases (each case "
-        f"reads its own log when it first sees its task running, then every {casework.PROGRESS_EVERY_SECONDS:g} s).",
+        "was running. 'Other' calls are `pueue log` reads for the progress of running cases: one per host for "
+        f"all of its running cases (`mqi.polling.SharedLogTails`), every {PROGRESS_EVERY_POLLS} polls and at most "
+        f"every {PROGRESS_MIN_SECONDS:g} s.",
         "Cases run as threads of one process through `mqi.casework` (the steps the process-case flow calls), "
-        "so one shared status per host (`mqi.polling.SharedStatus`) serves them all.",
+        "as under `mqi run`, so one shared status per host (`mqi.polling.SharedStatus`) serves them all.",
     ]
     return Section("Remote calls and connections while cases wait", rows, notes)

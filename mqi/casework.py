@@ -7,9 +7,7 @@ leaves a ledger from which `reconcile` can tell what to do next.
 from __future__ import annotations
 
 import logging
-import random
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -32,8 +30,6 @@ from mqi.transport.base import TransportError
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 300.0
-# Progress costs one log read per case: every third poll, at most every 5 s.
-PROGRESS_EVERY_POLLS, PROGRESS_MIN_SECONDS = 3, 5.0
 
 
 def attempt_label(case: Case, number: int) -> str:
@@ -221,15 +217,8 @@ class Waiter:
     on_progress: Callable[[int], None] = lambda percent: None
     sleep: Callable[[float], None] = pause
     clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
-    _last_progress: float = field(default=0.0, init=False)
-
-    def __post_init__(self) -> None:
-        # Cases that start together read their logs at spread-out moments, not all at once.
-        self._last_progress = time.monotonic() - random.uniform(0, self._progress_every)
-
-    @property
-    def _progress_every(self) -> float:
-        return max(PROGRESS_EVERY_POLLS * self.site.settings.case.poll_seconds, PROGRESS_MIN_SECONDS)
+    _last_percent: int | None = field(default=None, init=False)
+    _watched_task: int | None = field(default=None, init=False)
 
     @property
     def deadline(self) -> datetime:
@@ -242,6 +231,13 @@ class Waiter:
         return self.attempt.submitted_at + limit * (1 + group.queue_ahead)
 
     def wait(self) -> WaitOutcome:
+        try:
+            return self._poll_until_done()
+        finally:
+            if self._watched_task is not None:
+                self.site.log_tails(self.attempt.host).forget(self._watched_task)
+
+    def _poll_until_done(self) -> WaitOutcome:
         poll = self.site.settings.case.poll_seconds
         backoff = poll
         status = self.site.status(self.attempt.host)
@@ -282,16 +278,15 @@ class Waiter:
             )
 
     def _update_progress(self, task: TaskInfo) -> None:
-        if task.state is not TaskState.RUNNING or time.monotonic() - self._last_progress < self._progress_every:
+        if task.state is not TaskState.RUNNING:
             return
-        self._last_progress = time.monotonic()
-        try:
-            tail = self.site.queue(self.attempt.host).log_tail(task.id, self.attempt.label, lines=20)
-        except (TransportError, MqiError) as exc:
-            log.info("case %s: no progress this time: %s", self.case.uid, exc)
-            return
-        percent = parse_progress(tail, self.site.settings.case.progress_pattern)
-        if percent is not None:
+        tails = self.site.log_tails(self.attempt.host)
+        tails.watch(task.id, self.attempt.label)
+        self._watched_task = task.id
+        tail = tails.tail(task.id)  # one read for all the host's running cases, shared
+        percent = None if tail is None else parse_progress(tail, self.site.settings.case.progress_pattern)
+        if percent is not None and percent != self._last_percent:
+            self._last_percent = percent
             self.site.ledger.set_progress(self.case.id, percent)
             self.on_progress(percent)
 

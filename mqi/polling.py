@@ -19,6 +19,7 @@ import dataclasses
 import enum
 import fcntl
 import json
+import logging
 import os
 import re
 import tempfile
@@ -32,7 +33,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mqi.errors import MqiError
 from mqi.queue.base import GroupInfo, Queue, QueueSnapshot, TaskInfo
+from mqi.transport.base import TransportError
+
+log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 _SAFE_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -227,3 +232,44 @@ def _non_none_types(hint: Any) -> list[Any]:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return [arg for arg in typing.get_args(hint) if arg is not type(None)]
     return [hint]
+
+
+class SharedLogTails:
+    """The last lines of every running task that cases of this process wait on, read for all of
+    them in one `pueue log ID...` per host at most every `max_age` seconds, not one per case.
+
+    A case `watch`es its task while it waits and `forget`s it after. `tail` answers from the
+    last read, refreshing it first when it is older than `max_age`; None when the task was not
+    in a successful read yet (a failed read is not repeated before `max_age` either: progress
+    can wait, the host may be struggling).
+    """
+
+    def __init__(self, queue: Queue, max_age: float, lines: int, *, clock: Callable[[], float] = time.monotonic):
+        self.queue = queue
+        self.max_age = max_age
+        self.lines = lines
+        self._clock = clock
+        self._watched: dict[int, str] = {}  # task id -> label
+        self._tails: dict[int, str] = {}
+        self._read_at = -float("inf")
+        self._lock = threading.Lock()
+
+    def watch(self, task_id: int, label: str) -> None:
+        with self._lock:
+            self._watched[task_id] = label
+
+    def forget(self, task_id: int) -> None:
+        with self._lock:
+            self._watched.pop(task_id, None)
+            self._tails.pop(task_id, None)
+
+    def tail(self, task_id: int) -> str | None:
+        with self._lock:
+            if task_id in self._watched and self._clock() - self._read_at >= self.max_age:
+                self._read_at = self._clock()
+                try:
+                    self._tails = self.queue.log_tails(dict(self._watched), self.lines)
+                except (TransportError, MqiError) as exc:
+                    log.info("host %s: no progress this time: %s", self.queue.host, exc)
+                    self._tails = {}
+            return self._tails.get(task_id)

@@ -17,10 +17,13 @@ from mqi.errors import ConfigError
 from mqi.gpu import GpuCache
 from mqi.host_health import HostHealth, record_host_ok, record_transport_error
 from mqi.ledger.store import Ledger
-from mqi.polling import SharedStatus
+from mqi.polling import SharedLogTails, SharedStatus
 from mqi.queue.base import Queue
 from mqi.settings import GroupSettings, HostSettings, Settings
 from mqi.transport.base import Transport, TransportError
+
+# Progress: the last lines of running tasks, read every third poll and at most every 5 s.
+PROGRESS_EVERY_POLLS, PROGRESS_MIN_SECONDS, PROGRESS_LINES = 3, 5.0, 20
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Site:
         self._transports: dict[str, Transport] = {}
         self._queues: dict[str, Queue] = {}
         self._statuses: dict[str, SharedStatus] = {}
+        self._log_tails: dict[str, SharedLogTails] = {}
         self.gpu_cache = GpuCache(interval=settings.case.poll_seconds)
         #: called with a HostHealth when a host becomes reachable or unreachable
         self.host_listeners: list[Callable[[HostHealth], None]] = []
@@ -92,6 +96,15 @@ class Site:
                     on_call=lambda error: self.note_host_call(host_name, error),
                 )
             return self._statuses[host_name]
+
+    def log_tails(self, host_name: str) -> SharedLogTails:
+        """Progress lines of the running tasks this process waits on: one read per host."""
+        queue = self.queue(host_name)
+        with self._lock:
+            if host_name not in self._log_tails:
+                every = max(PROGRESS_EVERY_POLLS * self.settings.case.poll_seconds, PROGRESS_MIN_SECONDS)
+                self._log_tails[host_name] = SharedLogTails(queue, max_age=every, lines=PROGRESS_LINES)
+            return self._log_tails[host_name]
 
     def note_host_call(self, host_name: str, error: Exception | None) -> None:
         """Keep the host's health (reachable or not, and why) for placement and `mqi hosts`."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mqi.polling import SharedStatus, decode_snapshot, encode_snapshot
+from mqi.polling import SharedLogTails, SharedStatus, decode_snapshot, encode_snapshot
 from mqi.queue.base import (
     GroupInfo,
     KillOutcome,
@@ -23,6 +23,7 @@ from mqi.queue.base import (
     TaskResult,
     TaskState,
 )
+from mqi.transport.base import HostUnreachable
 
 SEOUL = timezone(timedelta(hours=9))
 
@@ -56,6 +57,7 @@ class CountingQueue(Queue):
         self.calls_file = calls_file
         self.delay = delay
         self.failure: Exception | None = None
+        self.log_calls: list[dict[int, str]] = []
 
     def snapshot(self) -> QueueSnapshot:
         with open(self.calls_file, "a") as calls:
@@ -74,8 +76,11 @@ class CountingQueue(Queue):
     def kill(self, task_id: int, label: str, *, confirm_timeout: float = 10.0) -> KillOutcome:
         raise NotImplementedError
 
-    def log_tail(self, task_id: int, label: str, lines: int = 15) -> str:
-        raise NotImplementedError
+    def log_tails(self, tasks, lines: int = 15) -> dict[int, str]:
+        self.log_calls.append(dict(tasks))
+        if self.failure is not None:
+            raise self.failure
+        return {task_id: f"output of {label}" for task_id, label in tasks.items()}
 
 
 class FakeClock:
@@ -273,3 +278,48 @@ def test_a_cache_file_names_its_host():
 def test_a_host_name_that_cannot_name_a_file_is_refused(tmp_path):
     with pytest.raises(ValueError, match="cannot name a cache file"):
         SharedStatus(CountingQueue(tmp_path / "c", host="../etc"), tmp_path, max_age=1)
+
+
+# -- progress: one log read per host for all its running cases ------------------------------
+
+
+def test_log_tails_of_many_cases_are_one_read_per_interval(queue):
+    clock = FakeClock()
+    tails = SharedLogTails(queue, max_age=5.0, lines=20, clock=clock)
+    for task_id in range(100):
+        tails.watch(task_id, f"mqi-c{task_id}-a1")
+
+    start, answers = threading.Barrier(100), {}
+
+    def case_thread(task_id: int) -> None:
+        start.wait()
+        answers[task_id] = tails.tail(task_id)
+
+    threads = [threading.Thread(target=case_thread, args=(i,)) for i in range(100)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == {i: f"output of mqi-c{i}-a1" for i in range(100)}
+    assert len(queue.log_calls) == 1 and len(queue.log_calls[0]) == 100  # one `pueue log 0 1 ... 99`
+
+    clock.now += 4.9
+    assert tails.tail(7) == "output of mqi-c7-a1" and len(queue.log_calls) == 1  # still fresh
+    clock.now += 0.2
+    tails.forget(7)
+    assert tails.tail(7) is None  # no longer waited on: not read, not kept
+    assert tails.tail(8) == "output of mqi-c8-a1"
+    assert len(queue.log_calls) == 2 and 7 not in queue.log_calls[1]
+
+
+def test_a_failed_log_read_gives_no_progress_and_is_not_repeated_at_once(queue):
+    clock = FakeClock()
+    tails = SharedLogTails(queue, max_age=5.0, lines=20, clock=clock)
+    tails.watch(1, "mqi-c1-a1")
+    queue.failure = HostUnreachable("gpu-1", "connection reset")
+
+    assert tails.tail(1) is None and tails.tail(1) is None
+    assert len(queue.log_calls) == 1
+    queue.failure = None
+    clock.now += 5
+    assert tails.tail(1) == "output of mqi-c1-a1"

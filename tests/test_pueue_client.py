@@ -284,6 +284,21 @@ def test_log_tail_gives_the_last_lines_of_our_task_only(local_queue, tmp_path):
     assert local_queue.log_tail(task_id + 7, "mqi-c1-a1") == ""
 
 
+def test_log_tails_of_several_tasks_are_one_pueue_call(local_queue, pueue_host, tmp_path):
+    first = submit(local_queue, tmp_path, "echo first; echo 1 of 2", label="mqi-c1-a1")
+    second = submit(local_queue, tmp_path, "echo second", label="mqi-c2-a1")
+    wait_for(local_queue, first, "mqi-c1-a1", finished)
+    wait_for(local_queue, second, "mqi-c2-a1", finished)
+    calls_before = len(pueue_host.calls())
+
+    tails = local_queue.log_tails({first: "mqi-c1-a1", second: "mqi-c2-a1", second + 7: "mqi-c9-a1"}, lines=5)
+
+    assert tails == {first: "first\n1 of 2", second: "second", second + 7: ""}
+    [call] = pueue_host.calls()[calls_before:]
+    assert call["argv"][2:5] == ["log", str(first), str(second)]
+    assert local_queue.log_tails({second: "somebody-else"}) == {second: ""}
+
+
 def test_log_tail_of_a_task_not_started_is_empty(local_queue, tmp_path):
     blocker = submit(local_queue, tmp_path, "sleep 300", label="mqi-c1-a1")
     waiting = submit(local_queue, tmp_path, "echo hi", label="mqi-c2-a1")

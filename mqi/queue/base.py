@@ -116,8 +116,13 @@ class Queue(ABC):
         """Kill this one task (never by group) and poll until it is finished or gone."""
 
     @abstractmethod
+    def log_tails(self, tasks: Mapping[int, str], lines: int = 15) -> dict[int, str]:
+        """The last `lines` lines of each task's output, by id (tasks given as id -> label), in
+        one call; a task that is gone, has another label or no output yet maps to ''."""
+
     def log_tail(self, task_id: int, label: str, lines: int = 15) -> str:
-        """The last `lines` lines of the task's output ('' when it has none yet)."""
+        """The last `lines` lines of one task's output ('' when it has none yet)."""
+        return self.log_tails({task_id: label}, lines).get(task_id, "")
 
     def missing_or_paused_groups(self, wanted: list[str]) -> dict[str, str]:
         """Configured groups the host lacks or has paused: {group: 'missing'|'paused'}."""

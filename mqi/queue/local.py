@@ -39,7 +39,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -277,12 +277,13 @@ class LocalQueue(Queue):
             write_json_atomic(folder / KILL_FILE, {"requested_at": _now().isoformat()})
         return self._kill_until_gone(folder, confirm_timeout)
 
-    def log_tail(self, task_id: int, label: str, lines: int = 15) -> str:
-        """The last lines of the output; '' when the task has none yet or is not known."""
-        folder = self._folder_of(task_id, label)
-        if folder is None:
-            return ""
-        return _tail(folder / OUTPUT_FILE, lines)
+    def log_tails(self, tasks: Mapping[int, str], lines: int = 15) -> dict[int, str]:
+        """The last lines of each output; '' for a task with none yet or not known."""
+        tails = {}
+        for task_id, label in tasks.items():
+            folder = self._folder_of(task_id, label)
+            tails[task_id] = "" if folder is None else _tail(folder / OUTPUT_FILE, lines)
+        return tails
 
     # --- task folders
 

@@ -178,16 +178,14 @@ class PueueQueue(Queue):
         except (TransportError, QueueError) as error:
             return KillOutcome(False, seen, f"could not confirm the end of task {task_id}: {error}")
 
-    def log_tail(self, task_id: int, label: str, lines: int = 15) -> str:
+    def log_tails(self, tasks: Mapping[int, str], lines: int = 15) -> dict[int, str]:
         if lines < 1:
             raise InvalidRequest(f"log lines must be at least 1, not {lines}")
-        result = self._checked(["log", str(task_id), "--json", "--lines", str(lines)])
-        entry = parse_log(result.out, self.host).get(task_id)
-        if entry is None or entry.task.label != label:
-            return ""  # gone, or the id now belongs to another task
-        if entry.output.startswith("(Pueue error)"):
-            return ""  # not started yet: no log file
-        return entry.output
+        if not tasks:
+            return {}
+        result = self._checked(["log", *map(str, sorted(tasks)), "--json", "--lines", str(lines)])
+        entries = parse_log(result.out, self.host)
+        return {task_id: _our_output(entries.get(task_id), label) for task_id, label in tasks.items()}
 
     # --- setup ---
 
@@ -314,3 +312,11 @@ def _check_group(name: str, parallel: int) -> None:
         raise InvalidRequest(f"group name {name!r} must be one word not starting with '-'")
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 0:
         raise InvalidRequest(f"group {name!r}: parallel must be a whole number >= 0")
+
+
+def _our_output(entry, label: str) -> str:
+    if entry is None or entry.task.label != label:
+        return ""  # gone, or the id now belongs to another task
+    if entry.output.startswith("(Pueue error)"):
+        return ""  # not started yet: no log file
+    return entry.output
