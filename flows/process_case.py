@@ -48,8 +48,9 @@ def run_case(record: Case, host: str | None, group: str | None) -> str:
         candidates = slot_candidates(record, placement, group)  # any free group on that host
     else:
         candidates = [placement_of(attempt)]
-    with gpu_slot(record, candidates) as placement:  # from submission until the task is finished or killed
-        attempt = submit_case(record, placement, attempt)
+    with gpu_slot(record, candidates) as slot:  # from submission until the task is finished or killed
+        attempt = submit_case(record, slot.placement, attempt)
+        slot.let_next_case_in()  # cases reach pueue in the order they arrived
         outcome = wait_until_done(record, attempt)
     record_outcome(record, attempt, outcome)  # downloads after giving the slot back
     return publish_outcome(record)  # a summary in the UI; the state the case is in now

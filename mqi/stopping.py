@@ -33,3 +33,9 @@ def request_stop() -> None:
 def reset() -> None:
     """A main job starting in this process (tests run several) begins unstopped."""
     _stopping.clear()
+
+
+def check() -> None:
+    """Raise MainJobStopping if the main job is stopping."""
+    if _stopping.is_set():
+        raise MainJobStopping

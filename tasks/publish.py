@@ -6,7 +6,9 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from uuid import UUID
 
 import httpx
@@ -17,13 +19,13 @@ from prefect.events import emit_event
 from prefect.exceptions import ObjectNotFound
 
 from mqi import claims
+from mqi.arrival_line import ArrivalLine
 from mqi.host_health import HostHealth
 from mqi.ledger.records import Case
 from mqi.ledger.states import CaseState
 from mqi.runtime import get_site, site_hooks
 from mqi.settings import Settings
 from mqi.site import Placement, Site, gpu_limit_name
-from mqi.stopping import pause
 from mqi.timefmt import local_text
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,8 @@ SLOT_LEASE_SECONDS = 60
 # Between rounds over the candidate groups: short, since only cases the inbox scan admitted
 # (as many as the groups hold) wait here, and a freed slot should not stay idle.
 SLOT_RETRY_SECONDS = 1.0
+# The cases of this process take slots and reach pueue in arrival order.
+ARRIVAL_LINE = ArrivalLine(retry_seconds=SLOT_RETRY_SECONDS)
 BUSY_RETRY_SECONDS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 
 
@@ -54,9 +58,17 @@ def ensure_gpu_limits(settings: Settings) -> None:
                     )
 
 
+@dataclass
+class GpuSlot:
+    """A slot held for a case: where it runs, and its place in the arrival line."""
+
+    placement: Placement
+    let_next_case_in: Callable[[], None]  # call once the task is submitted
+
+
 @contextmanager
-def gpu_slot(case: Case, candidates: list[Placement]):
-    """Hold one free slot of the first candidate group that has one; yield that placement.
+def gpu_slot(case: Case, candidates: list[Placement]) -> Iterator[GpuSlot]:
+    """Hold one free slot of the first candidate group that has one, taken in arrival order.
 
     The slot is held from submission until the task is finished or killed. Trying each group
     in turn (instead of queueing on one) lets a case take whichever GPU frees first. The
@@ -65,19 +77,28 @@ def gpu_slot(case: Case, candidates: list[Placement]):
     """
     state_dir = get_site().settings.state_dir
     release_orphaned_lease(state_dir, case.id)
-    while True:
-        for placement in candidates:
-            lease_id = _take_slot(placement.limit_name)
-            if lease_id is not None:
-                claims.record_lease(state_dir, case.id, lease_id)
-                try:
-                    with _renewing(lease_id):
-                        yield placement
-                finally:
-                    _release_lease(lease_id)
-                    claims.forget_lease(state_dir, case.id)
-                return
-        pause(SLOT_RETRY_SECONDS)
+    key = (case.created_at, case.id)
+    with ARRIVAL_LINE.standing(key):
+        while True:
+            ARRIVAL_LINE.wait_turn(key)
+            for placement in candidates:
+                lease_id = _take_slot(placement.limit_name)
+                if lease_id is not None:
+                    break
+            else:
+                ARRIVAL_LINE.pass_turn(key, found_no_slot=True)
+                continue
+            ARRIVAL_LINE.step_out(key)
+            claims.record_lease(state_dir, case.id, lease_id)
+            try:
+                with _renewing(lease_id):
+                    yield GpuSlot(placement, lambda: ARRIVAL_LINE.pass_turn(key, found_no_slot=False))
+            finally:
+                ARRIVAL_LINE.pass_turn(key, found_no_slot=False)  # if the submission never came
+                _release_lease(lease_id)
+                claims.forget_lease(state_dir, case.id)
+                ARRIVAL_LINE.slot_given_back()
+            return
 
 
 def _take_slot(limit_name: str) -> str | None:

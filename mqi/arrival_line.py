@@ -1,0 +1,99 @@
+"""Cases of one process take GPU slots, and reach pueue, in the order they arrived.
+
+Cases whose upload is done stand in a line sorted by arrival. The one whose turn it is tries
+its groups once. With a slot, it keeps the turn until its task is submitted, so each group's
+queue receives tasks in arrival order; without one, it passes the turn on, so a case pinned to
+a full group does not hold up the cases behind it. When every case in the line has tried, the
+next round starts after `retry_seconds`, or at once when a slot is given back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from bisect import insort
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+
+from mqi import stopping
+
+# How long a wait for the turn lasts before it looks whether the main job is stopping.
+STOP_CHECK_SECONDS = 0.5
+
+
+class ArrivalLine:
+    def __init__(self, retry_seconds: float, clock=time.monotonic):
+        self.retry_seconds = retry_seconds
+        self._clock = clock
+        self._changed = threading.Condition()
+        self._line: list = []  # keys in arrival order
+        self._tried: set = set()  # keys that found no free slot in this round
+        self._holder: Hashable | None = None
+        self._round_over_at: float | None = None
+
+    @contextmanager
+    def standing(self, key: Hashable) -> Iterator[None]:
+        """Stand in the line (key: arrival order, e.g. (created_at, case id)) until done."""
+        with self._changed:
+            insort(self._line, key)
+            self._changed.notify_all()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._leave(key)
+                if self._holder == key:
+                    self._holder = None
+                self._changed.notify_all()
+
+    def step_out(self, key: Hashable) -> None:
+        """Leave the line with a slot, keeping the turn until `pass_turn` (task submitted)."""
+        with self._changed:
+            self._leave(key)
+
+    def _leave(self, key: Hashable) -> None:
+        if key in self._line:
+            self._line.remove(key)
+        self._tried.discard(key)
+
+    def wait_turn(self, key: Hashable) -> None:
+        """Block until it is this case's turn; it holds the turn until `pass_turn`."""
+        with self._changed:
+            while not self._is_turn_of(key):
+                stopping.check()
+                self._changed.wait(min(STOP_CHECK_SECONDS, self._time_to_next_round()))
+            self._holder = key
+
+    def pass_turn(self, key: Hashable, *, found_no_slot: bool) -> None:
+        with self._changed:
+            if found_no_slot:
+                self._tried.add(key)
+            if self._holder == key:
+                self._holder = None
+            self._changed.notify_all()
+
+    def slot_given_back(self) -> None:
+        """A new round at once: the slot goes to the oldest case that can use it."""
+        with self._changed:
+            self._tried.clear()
+            self._round_over_at = None
+            self._changed.notify_all()
+
+    def _is_turn_of(self, key: Hashable) -> bool:
+        if self._holder is not None:
+            return False
+        waiting = [k for k in self._line if k not in self._tried]
+        if not waiting:  # everyone tried: the next round begins after the pause
+            if self._round_over_at is None:
+                self._round_over_at = self._clock()
+            if self._time_to_next_round() > 0:
+                return False
+            self._tried.clear()
+            self._round_over_at = None
+            waiting = list(self._line)
+        return waiting[0] == key
+
+    def _time_to_next_round(self) -> float:
+        if self._round_over_at is None:
+            return STOP_CHECK_SECONDS
+        return max(0.0, self._round_over_at + self.retry_seconds - self._clock())

@@ -1,0 +1,70 @@
+"""The arrival line: cases of one process take GPU slots and submit in arrival order."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from mqi.arrival_line import ArrivalLine
+from tests.support.cases import wait_for
+
+
+def run_case(line: ArrivalLine, key: int, free: dict[str, int], groups: list[str], order: list, ready: threading.Event):
+    """What gpu_slot does: wait for the turn, try the groups once, hold the turn until submitted."""
+    with line.standing(key):
+        ready.set()
+        while True:
+            line.wait_turn(key)
+            group = next((g for g in groups if free[g] > 0), None)
+            if group is None:
+                line.pass_turn(key, found_no_slot=True)
+                continue
+            free[group] -= 1
+            line.step_out(key)
+            time.sleep(0.01)  # the submission: nobody else takes a slot meanwhile
+            order.append((key, group))
+            line.pass_turn(key, found_no_slot=False)
+            return
+
+
+def start(line, key, free, groups, order):
+    ready = threading.Event()
+    thread = threading.Thread(target=run_case, args=(line, key, free, groups, order, ready), daemon=True)
+    thread.start()
+    ready.wait(5)
+    return thread
+
+
+def test_cases_that_wait_together_get_slots_in_arrival_order_whoever_asked_first():
+    line = ArrivalLine(retry_seconds=0.05)
+    free, order = {"gpu0": 0, "gpu1": 0}, []
+    threads = [start(line, key, free, ["gpu0", "gpu1"], order) for key in (5, 3, 4, 1, 2)]  # joined out of order
+    time.sleep(0.2)
+    free["gpu0"], free["gpu1"] = 2, 3  # slots free up
+    line.slot_given_back()
+    for thread in threads:
+        thread.join(5)
+    assert [key for key, _ in order] == [1, 2, 3, 4, 5]
+
+
+def test_a_case_pinned_to_a_full_group_does_not_hold_up_the_cases_behind_it():
+    line = ArrivalLine(retry_seconds=0.05)
+    free, order = {"gpu0": 0, "gpu1": 1}, []
+    pinned = start(line, 1, free, ["gpu0"], order)
+    other = start(line, 2, free, ["gpu0", "gpu1"], order)
+    other.join(5)
+    assert order == [(2, "gpu1")] and pinned.is_alive()
+    free["gpu0"] = 1
+    line.slot_given_back()
+    pinned.join(5)
+    assert order == [(2, "gpu1"), (1, "gpu0")]
+
+
+def test_a_case_that_leaves_without_a_slot_passes_the_turn_on():
+    line = ArrivalLine(retry_seconds=0.05)
+    with line.standing(1):
+        line.wait_turn(1)  # holds the turn, then fails (the server is away) and leaves
+    free, order = {"gpu0": 1}, []
+    start(line, 2, free, ["gpu0"], order).join(5)
+    assert order == [(2, "gpu0")]
+    wait_for(lambda: not line._line, what="an empty line")
