@@ -66,12 +66,12 @@ class MainJob:
         self.wake = threading.Event()
         self.inbox_changed = threading.Event()
         self._shutdown = threading.Event()
+        self._stopping = threading.Event()  # the case threads' waits end when it is set
         self.case_run_limit = casework.total_slots(site) * CASE_RUNS_PER_SLOT
         self.reconcile_every = max(RECONCILE_MIN_SECONDS, site.settings.case.poll_seconds)
 
     def run(self) -> None:
         """Until stopped (Ctrl-C, SIGTERM, `shutdown`): scan, start, follow cancellations, reconcile."""
-        stopping.reset()
         self.register_deployments()
         threading.Thread(target=self._watch_inbox, name="inbox-watch", daemon=True).start()
         next_scan = next_reconcile = 0.0
@@ -166,6 +166,7 @@ class MainJob:
         thread.start()
 
     def _execute(self, flow: Flow, flow_run: FlowRun) -> None:
+        stopping.stop_this_thread_with(self._stopping)
         try:
             run_flow(flow, flow_run=flow_run, return_type="state")
         except stopping.MainJobStopping:
@@ -212,7 +213,7 @@ class MainJob:
     def stop(self) -> None:
         """Cases leave their waits; those still busy after the grace are marked crashed. Their
         claims die with this process, so the next start resumes them (never a second task)."""
-        stopping.request_stop()
+        self._stopping.set()
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         for run in list(self.runs.values()):
             run.thread.join(max(0.0, deadline - time.monotonic()))

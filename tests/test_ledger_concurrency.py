@@ -95,10 +95,10 @@ def test_eight_sqlite_writers_never_see_a_locked_database(tmp_path):
 
     assert outcomes == [per_writer] * writers
     with Ledger.open(url) as ledger:
-        overview = ledger.overview()
-        assert len(overview) == writers * per_writer + 1
-        finished = [o for o in overview if o.case.source != shared]
-        assert {o.case.state for o in finished} == {CaseState.COMPLETED}
-        assert all(o.latest_attempt.result is AttemptResult.SUCCESS for o in finished)
-        assert all(len(ledger.events(o.case.id)) == 6 for o in finished)
+        cases = ledger.list_cases()
+        assert len(cases) == writers * per_writer + 1
+        finished = [c for c in cases if c.source != shared]
+        assert {c.state for c in finished} == {CaseState.COMPLETED}
+        assert all(ledger.attempts(c.id)[-1].result is AttemptResult.SUCCESS for c in finished)
+        assert all(len(ledger.events(c.id)) == 6 for c in finished)
         assert Path(ledger.find_case(shared).source) == Path(shared)
