@@ -19,7 +19,13 @@ from uuid import UUID
 
 import watchfiles
 from prefect import Flow, get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterState, FlowRunFilterStateType
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterDeploymentId,
+    FlowRunFilterId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.flow_engine import run_flow
@@ -73,6 +79,7 @@ class MainJob:
     def run(self) -> None:
         """Until stopped (Ctrl-C, SIGTERM, `shutdown`): scan, start, follow cancellations, reconcile."""
         self.register_deployments()
+        self.close_runs_of_a_dead_job()
         threading.Thread(target=self._watch_inbox, name="inbox-watch", daemon=True).start()
         next_scan = next_reconcile = 0.0
         try:
@@ -125,6 +132,18 @@ class MainJob:
                     client.delete_deployment_schedule(deployment_id, schedule.id)
                 self.flows[deployment_id] = flow
                 self.deployment_of[flow.name] = deployment_id
+
+    def close_runs_of_a_dead_job(self) -> None:
+        """Runs this job's deployments show as pending or running now were left by an `mqi run`
+        that was killed (only one runs at a time): marked crashed, so the UI does not show them
+        running forever. Their cases are resumed by reconcile, which starts first."""
+        with get_client(sync_client=True) as client:
+            left = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                deployment_id=FlowRunFilterDeploymentId(any_=list(self.flows)),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING])),
+            ))
+        for flow_run in left:
+            self._set_state(flow_run.id, Crashed(message="the mqi run that ran it stopped; its case is resumed"))
 
     # -- starting runs ---------------------------------------------------------------------
 

@@ -201,3 +201,20 @@ def test_a_folder_moved_into_the_inbox_is_taken_at_once_not_at_the_next_scan(tmp
     staged.rename(settings.inbox.path / "case-w")
     wait_for(lambda: case_state(site, settings.inbox.path / "case-w") is CaseState.COMPLETED, timeout=60,
              what="the moved folder to be processed")
+
+
+def test_runs_left_running_by_a_killed_job_are_closed_as_crashed(tmp_path, main_job):
+    from prefect import get_client
+    from prefect.states import Running
+
+    from flows.main_job import MainJob
+
+    site = start(settings_for(tmp_path, [local_host(tmp_path)], command=OUTPUT))
+    MainJob(site).register_deployments()
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("process-case/process-case")
+        left = client.create_flow_run_from_deployment(deployment.id, parameters={"case": "999999"})
+        client.set_flow_run_state(left.id, Running(), force=True)  # as a SIGKILLed job leaves it
+
+        main_job(site)
+        wait_for(lambda: client.read_flow_run(left.id).state.is_crashed(), timeout=30, what="the run closed")
