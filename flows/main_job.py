@@ -87,7 +87,7 @@ class MainJob:
                 now = time.monotonic()
                 slot_freed = self.forget_finished_runs()
                 try:
-                    if now >= next_reconcile:
+                    if now >= next_reconcile and not self.runs_of(reconcile):  # one at a time
                         self.start_new_run(reconcile, {}, "reconcile")
                         next_reconcile = now + self.reconcile_every
                     if now >= next_scan or slot_freed or self.inbox_changed.is_set():
@@ -174,7 +174,7 @@ class MainJob:
 
     def start(self, flow_run: FlowRun) -> None:
         flow = self.flows[flow_run.deployment_id]
-        if flow is process_case and self.case_runs() >= self.case_run_limit:
+        if flow is process_case and self.runs_of(process_case) >= self.case_run_limit:
             return  # stays scheduled; started when a case run ends
         with get_client(sync_client=True) as client:
             if client.set_flow_run_state(flow_run.id, Pending()).status is not SetStateStatus.ACCEPT:
@@ -195,8 +195,8 @@ class MainJob:
         finally:
             self.wake.set()
 
-    def case_runs(self) -> int:
-        return sum(1 for r in self.runs.values() if r.flow is process_case)
+    def runs_of(self, flow: Flow) -> int:
+        return sum(1 for r in self.runs.values() if r.flow is flow)
 
     def forget_finished_runs(self) -> bool:
         """Drop ended runs; True when a case run ended (its slot may be free for the next case)."""
