@@ -477,7 +477,7 @@ def cancel(site: Site, case: Case, actor: str, reason: str) -> bool:
 
 def register_ready_folders(site: Site, scanner: InboxScanner, actor: str) -> int:
     """Complete inbox folders the ledger does not know yet become pending cases; how many."""
-    known = {case.source for case in site.ledger.list_cases()}
+    known = site.ledger.sources()  # every scan: all cases' folders, not all cases
     new = 0
     for ready in scanner.scan(known=lambda path: folder_key(path) in known).ready:
         _, created = site.ledger.register_case(ready.path, actor=actor)

@@ -65,6 +65,14 @@ def run_to_completion(ledger: Ledger, case_id: int, *, host: str, group: str, ta
 # -- registering and finding cases ---------------------------------------------------
 
 
+def test_sources_are_the_folders_of_every_case_whatever_its_state(ledger, tmp_path):
+    first, _ = ledger.register_case(tmp_path / "inbox" / "a")
+    second, _ = ledger.register_case(tmp_path / "inbox" / "b")
+    ledger.transition(second.id, CaseState.CANCELLED, actor="cli")
+
+    assert ledger.sources() == {str(tmp_path / "inbox" / "a"), str(tmp_path / "inbox" / "b")}
+
+
 def test_register_creates_a_pending_case_once(clocked, tmp_path):
     folder = tmp_path / "inbox" / "patient_001"
 

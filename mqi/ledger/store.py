@@ -238,6 +238,11 @@ class Ledger:
         """All cases by id, or those in one state."""
         return self.cases_in_states(CaseState if state is None else [state])
 
+    def sources(self) -> set[str]:
+        """The folder of every case (as `folder_key` writes it): one column, not whole cases."""
+        with self._reading() as session:
+            return set(session.scalars(select(CaseRow.source)))
+
     def cases_in_states(self, states: Iterable[CaseState | str]) -> list[Case]:
         wanted = [CaseState(s).value for s in states]
         with self._reading() as session:
