@@ -37,6 +37,7 @@ from flows.reconcile import reconcile
 from flows.scan_inbox import scan_inbox
 from mqi import casework, stopping
 from mqi.inbox import InboxScanner
+from mqi.job_answers import JobAnswers
 from mqi.site import Site
 from tasks.launch import flow_run_name, running_case_ids
 
@@ -75,33 +76,38 @@ class MainJob:
         self._stopping = threading.Event()  # the case threads' waits end when it is set
         self.case_run_limit = casework.total_slots(site) * CASE_RUNS_PER_SLOT
         self.reconcile_every = max(RECONCILE_MIN_SECONDS, site.settings.case.poll_seconds)
+        self.answers = JobAnswers(site.ledger, site.settings.tz)
 
     def run(self) -> None:
         """Until stopped (Ctrl-C, SIGTERM, `shutdown`): scan, start, follow cancellations, reconcile."""
         self.register_deployments()
         self.close_runs_of_a_dead_job()
         threading.Thread(target=self._watch_inbox, name="inbox-watch", daemon=True).start()
-        next_scan = next_reconcile = 0.0
         try:
-            while not self._shutdown.is_set():
-                now = time.monotonic()
-                slot_freed = self.forget_finished_runs()
-                try:
-                    if now >= next_reconcile and not self.runs_of(reconcile):  # one at a time
-                        self.start_new_run(reconcile, {}, "reconcile")
-                        next_reconcile = now + self.reconcile_every
-                    if now >= next_scan or slot_freed or self.inbox_changed.is_set():
-                        self.inbox_changed.clear()
-                        self.scan_inbox()
-                        next_scan = now + self.site.settings.inbox.scan_seconds
-                    self.start_runs_from_elsewhere()
-                    self.cancel_runs_the_ui_cancelled()
-                except Exception as exc:  # the server or the ledger briefly away: the next round retries
-                    log.warning("main job: %s; trying again", exc)
-                self.wake.wait(QUERY_SECONDS)
-                self.wake.clear()
+            with self.answers:  # `mqi status` and `mqi show` ask this warm process (mqi.job_socket)
+                self._serve()
         finally:
             self.stop()
+
+    def _serve(self) -> None:
+        next_scan = next_reconcile = 0.0
+        while not self._shutdown.is_set():
+            now = time.monotonic()
+            slot_freed = self.forget_finished_runs()
+            try:
+                if now >= next_reconcile and not self.runs_of(reconcile):  # one at a time
+                    self.start_new_run(reconcile, {}, "reconcile")
+                    next_reconcile = now + self.reconcile_every
+                if now >= next_scan or slot_freed or self.inbox_changed.is_set():
+                    self.inbox_changed.clear()
+                    self.scan_inbox()
+                    next_scan = now + self.site.settings.inbox.scan_seconds
+                self.start_runs_from_elsewhere()
+                self.cancel_runs_the_ui_cancelled()
+            except Exception as exc:  # the server or the ledger briefly away: the next round retries
+                log.warning("main job: %s; trying again", exc)
+            self.wake.wait(QUERY_SECONDS)
+            self.wake.clear()
 
     def _watch_inbox(self) -> None:
         """A folder created or moved into the inbox wakes the loop at once. The periodic scan

@@ -11,7 +11,6 @@ settings, and made absolute at once.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -31,9 +30,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
 from mqi.errors import ConfigError
+from mqi.settings_inputs import ENV_PREFIX, config_path
 
-CONFIG_ENV = "MQI_CONFIG"
-DEFAULT_CONFIG_FILE = Path("mqi.yaml")
 MOQUI_PROGRESS_PATTERN = r"Generating particles for \((\d+) of (\d+) batches\)"
 
 # Names end up in remote paths, pueue group names and Prefect limit names.
@@ -212,7 +210,7 @@ def _duplicates(names) -> list[str]:
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="MQI_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         extra="forbid",
         validate_default=True,
@@ -276,15 +274,6 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")  # SecretStr dumps as '**********'
         data["ledger"]["url"] = self.ledger.display_url()
         return data
-
-
-def config_path(explicit: Path | None = None) -> tuple[Path, bool]:
-    """The config file to read and whether the user named it (a named file must exist)."""
-    if explicit is not None:
-        return explicit, True
-    if os.environ.get(CONFIG_ENV):
-        return Path(os.environ[CONFIG_ENV]), True
-    return DEFAULT_CONFIG_FILE, False
 
 
 def load_settings(explicit: Path | None = None) -> Settings:

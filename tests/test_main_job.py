@@ -44,6 +44,14 @@ def status(config: Path) -> list[dict]:
     return json.loads(result.stdout)
 
 
+def show_importing(config: Path, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """`mqi show 1` as a new process, with the modules it imported listed on stderr."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "mqi.cli", "--config", str(config), "show", "1"],
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
 def test_main_job_processes_the_inbox_shows_its_ui_refuses_a_twin_and_stops_on_ctrl_c(tmp_path):
     config = write_config(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -63,6 +71,8 @@ def test_main_job_processes_the_inbox_shows_its_ui_refuses_a_twin_and_stops_on_c
         wait_for(lambda: [c["state"] for c in status(config)] == ["completed"], timeout=180,
                  what="the case to complete")
         assert (tmp_path / "results" / "case-1" / "dose.raw").exists()
+        answer = show_importing(config, tmp_path, env)
+        assert answer.stdout.startswith("case 1  case-1") and "sqlalchemy" not in answer.stderr  # the job answered
 
         twin = subprocess.run([*MQI, "--config", str(config), "run"], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=120)
@@ -82,6 +92,8 @@ def test_main_job_processes_the_inbox_shows_its_ui_refuses_a_twin_and_stops_on_c
             if 'File "' in line and any(f"/{part}/" in line for part in ("mqi", "flows", "tasks", "blocks"))]
     assert not ours, output[-3000:]
     assert "error:" not in output, output[-3000:]
+    by_itself = show_importing(config, tmp_path, env)
+    assert by_itself.stdout == answer.stdout and "sqlalchemy" in by_itself.stderr  # no job: read the ledger
     time.sleep(1)
     try:
         urllib.request.urlopen(f"{api}/health", timeout=2)

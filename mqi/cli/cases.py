@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.cells import cell_len
 
-from mqi.cli.app import app, current_settings, db_app
+from mqi.cli.command_line import app, current_settings, db_app
 from mqi.ledger import Attempt, Case, CaseOverview, CaseState, Event, Ledger, LedgerError
 from mqi.ledger.store import display_text
 from mqi.timefmt import local_iso, local_text
@@ -255,23 +255,32 @@ def open_ledger(*, migrate: bool = True) -> Iterator[Ledger]:
         raise typer.Exit(1) from None
 
 
-def _print_json(data: object) -> None:
-    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+def _json_text(data: object) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False)
 
 
+def status_output(ledger: Ledger, zone: tzinfo, state: CaseState | None, as_json: bool) -> str:
+    overviews = ledger.overview(state)
+    if as_json:
+        return _json_text(status_json(overviews, zone))
+    return "\n".join(status_lines(overviews, zone, datetime.now(zone)))
+
+
+def show_output(ledger: Ledger, zone: tzinfo, case: str, as_json: bool) -> str:
+    detail = case_detail(ledger, case)
+    return _json_text(detail_json(detail, zone)) if as_json else "\n".join(detail_lines(detail, zone))
+
+
+# The parameters of these two commands are the keyword arguments of their outputs above, which
+# the running main job also answers with (mqi.job_answers).
 @app.command()
 def status(
     state: Annotated[CaseState | None, typer.Option(help="only cases in this state")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="a JSON list instead of a table")] = False,
 ) -> None:
     """List the cases with their state, progress and where they run."""
-    zone = current_settings().tz
     with open_ledger() as ledger:
-        overviews = ledger.overview(state)
-    if as_json:
-        _print_json(status_json(overviews, zone))
-    else:
-        typer.echo("\n".join(status_lines(overviews, zone, datetime.now(zone))))
+        typer.echo(status_output(ledger, current_settings().tz, state, as_json))
 
 
 @app.command()
@@ -280,13 +289,8 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables")] = False,
 ) -> None:
     """One case: its details, every attempt and its full history."""
-    zone = current_settings().tz
     with open_ledger() as ledger:
-        detail = case_detail(ledger, case)
-    if as_json:
-        _print_json(detail_json(detail, zone))
-    else:
-        typer.echo("\n".join(detail_lines(detail, zone)))
+        typer.echo(show_output(ledger, current_settings().tz, case, as_json))
 
 
 @db_app.command("upgrade")

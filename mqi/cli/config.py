@@ -5,9 +5,10 @@ from __future__ import annotations
 import yaml
 import typer
 
-from mqi.cli.app import config_app, config_file
+from mqi.cli.command_line import config_app, config_file
 from mqi.errors import ConfigError
-from mqi.settings import config_path, load_settings
+from mqi.settings import load_settings
+from mqi.settings_inputs import config_path
 
 
 @config_app.command("check")

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mqi.cli.app import app, current_settings
+from mqi.cli.command_line import app, current_settings
 from mqi.host_report import (
     DEFAULT_TIMEOUT,
     HostReport,

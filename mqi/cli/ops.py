@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mqi.backup import backup_ledger
-from mqi.cli.app import current_settings, db_app
+from mqi.cli.command_line import current_settings, db_app
 
 
 @db_app.command("backup")

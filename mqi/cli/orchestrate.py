@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from mqi.cli.app import UserError, app, config_file, current_settings
+from mqi.cli.command_line import UserError, app, config_file, current_settings
 from mqi.errors import MqiError
 from mqi.instance_lock import hold_run_locks
 from mqi.logfile import setup_main_job_logging
