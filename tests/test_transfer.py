@@ -445,3 +445,27 @@ def test_remove_remote_dir(each_transport, tmp_path):
     assert not case.exists()
     with pytest.raises(ValueError):
         remove_remote_dir(each_transport, "/", timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("command", ["receive", "send"])
+def test_the_remote_end_widens_its_pipe_to_a_megabyte(tmp_path, command):
+    """Both ends of an SSH exec channel's pipe wake once per 1 MB, not per 64 KB."""
+    import fcntl
+
+    from mqi import transfer_remote
+    from mqi.transfer import REMOTE_PROGRAM
+
+    folder = tmp_path / "case"
+    folder.mkdir()
+    (folder / "big.bin").write_bytes(os.urandom(4 * 1024 * 1024))  # the sender blocks on the full pipe
+    stdio = {"stdin": subprocess.PIPE} if command == "receive" else {"stdout": subprocess.PIPE}
+    process = subprocess.Popen([sys.executable, "-I", "-c", REMOTE_PROGRAM, command, str(folder)], **stdio)
+    ours = process.stdin if command == "receive" else process.stdout
+    try:
+        deadline = time.monotonic() + 20
+        while fcntl.fcntl(ours.fileno(), 1032) != transfer_remote.PIPE_BYTES:  # F_GETPIPE_SZ
+            assert time.monotonic() < deadline, "the pipe kept its 64 KB"
+            time.sleep(0.02)
+    finally:
+        process.kill()
+        process.wait()
