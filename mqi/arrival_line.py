@@ -1,4 +1,6 @@
-"""Cases of one process take GPU slots, and reach pueue, in the order they arrived.
+"""Cases of one process upload, take GPU slots and reach pueue in the order they arrived.
+
+`ArrivalGate` lets one case at a time through (uploads to one host), the earliest first.
 
 Cases whose upload is done stand in a line sorted by arrival. The one whose turn it is tries
 its groups once. With a slot, it keeps the turn until its task is submitted, so each group's
@@ -97,3 +99,36 @@ class ArrivalLine:
         if self._round_over_at is None:
             return STOP_CHECK_SECONDS
         return max(0.0, self._round_over_at + self.retry_seconds - self._clock())
+
+
+class ArrivalGate:
+    """One case at a time, the earliest-arrived of those waiting first.
+
+    Uploads to one host go through it: over one link, uploads side by side share the bandwidth
+    and all end late, so the first case's GPU waits for the last case's data; one at a time,
+    the first case is ready after its own upload, and cases reach the GPU line in arrival order.
+    """
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._waiting: list = []  # keys in arrival order
+        self._busy = False
+
+    @contextmanager
+    def turn(self, key: Hashable) -> Iterator[None]:
+        with self._changed:
+            insort(self._waiting, key)
+            try:
+                while self._busy or self._waiting[0] != key:
+                    stopping.check()
+                    self._changed.wait(STOP_CHECK_SECONDS)
+            finally:
+                self._waiting.remove(key)
+                self._changed.notify_all()
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._busy = False
+                self._changed.notify_all()

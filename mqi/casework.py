@@ -125,7 +125,18 @@ def live_attempts_per_group(site: Site) -> dict[tuple[str, str], int]:
 
 
 def upload(site: Site, case: Case, placement: Placement, actor: str) -> bool:
-    """Send the case folder to the host, verified; False: an input error failed the case."""
+    """Send the case folder to the host, verified; False: an input error failed the case.
+    The case stays pending while earlier cases upload to the same host."""
+    with site.upload_gate(placement.host.name).turn(arrival_key(case)):
+        return _upload(site, case, placement, actor)
+
+
+def arrival_key(case: Case) -> tuple:
+    """Sorts cases in the order they arrived: uploads, GPU slots and pueue follow it."""
+    return case.created_at, case.id
+
+
+def _upload(site: Site, case: Case, placement: Placement, actor: str) -> bool:
     if site.ledger.get_case(case.id).state is not CaseState.UPLOADING:  # else resuming a broken upload
         site.ledger.transition(case.id, CaseState.UPLOADING, actor=actor, message=f"to {placement.host.name}")
     remote_dir = site.remote_case_dir(placement.host, case.uid)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from mqi.arrival_line import ArrivalGate
 from mqi.errors import ConfigError
 from mqi.gpu import GpuCache
 from mqi.host_health import HostHealth, record_host_ok, record_transport_error
@@ -49,6 +50,7 @@ class Site:
         self._queues: dict[str, Queue] = {}
         self._statuses: dict[str, SharedStatus] = {}
         self._log_tails: dict[str, SharedLogTails] = {}
+        self._upload_gates: dict[str, ArrivalGate] = {}
         self.gpu_cache = GpuCache(interval=settings.case.poll_seconds)
         #: called with a HostHealth when a host becomes reachable or unreachable
         self.host_listeners: list[Callable[[HostHealth], None]] = []
@@ -105,6 +107,11 @@ class Site:
                 every = max(PROGRESS_EVERY_POLLS * self.settings.case.poll_seconds, PROGRESS_MIN_SECONDS)
                 self._log_tails[host_name] = SharedLogTails(queue, max_age=every, lines=PROGRESS_LINES)
             return self._log_tails[host_name]
+
+    def upload_gate(self, host_name: str) -> ArrivalGate:
+        """Uploads of this process to the host: one at a time, in arrival order."""
+        with self._lock:
+            return self._upload_gates.setdefault(host_name, ArrivalGate())
 
     def note_host_call(self, host_name: str, error: Exception | None) -> None:
         """Keep the host's health (reachable or not, and why) for placement and `mqi hosts`."""

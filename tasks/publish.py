@@ -18,7 +18,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalC
 from prefect.events import emit_event
 from prefect.exceptions import ObjectNotFound
 
-from mqi import claims
+from mqi import casework, claims
 from mqi.arrival_line import ArrivalLine
 from mqi.host_health import HostHealth
 from mqi.ledger.records import Case
@@ -77,7 +77,7 @@ def gpu_slot(case: Case, candidates: list[Placement]) -> Iterator[GpuSlot]:
     """
     state_dir = get_site().settings.state_dir
     release_orphaned_lease(state_dir, case.id)
-    key = (case.created_at, case.id)
+    key = casework.arrival_key(case)
     with ARRIVAL_LINE.standing(key):
         while True:
             ARRIVAL_LINE.wait_turn(key)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
-from mqi.arrival_line import ArrivalLine
+from mqi import stopping
+from mqi.arrival_line import ArrivalGate, ArrivalLine
 from tests.support.cases import wait_for
 
 
@@ -68,3 +69,64 @@ def test_a_case_that_leaves_without_a_slot_passes_the_turn_on():
     start(line, 2, free, ["gpu0"], order).join(5)
     assert order == [(2, "gpu0")]
     wait_for(lambda: not line._line, what="an empty line")
+
+
+# -- the upload gate: one at a time, earliest first ----------------------------------------
+
+
+def test_the_gate_lets_one_through_at_a_time_the_earliest_waiting_first():
+    gate, inside, through = ArrivalGate(), [], []
+    holder_in, release = threading.Event(), threading.Event()
+
+    def upload(key, hold=None):
+        with gate.turn(key):
+            inside.append(key)
+            assert len(inside) == 1, inside
+            through.append(key)
+            if hold:
+                holder_in.set()
+                hold.wait(5)
+            time.sleep(0.01)
+            inside.remove(key)
+
+    first = threading.Thread(target=upload, args=(9, release))
+    first.start()
+    holder_in.wait(5)
+    later = [threading.Thread(target=upload, args=(key,)) for key in (5, 3, 4, 12)]
+    for thread in later:
+        thread.start()
+        time.sleep(0.02)
+    release.set()
+    for thread in (first, *later):
+        thread.join(5)
+
+    assert through == [9, 3, 4, 5, 12]
+
+
+def test_a_case_stopped_or_failing_at_the_gate_does_not_block_it():
+    gate, done = ArrivalGate(), []
+    with gate.turn(1):
+        stop = threading.Event()
+
+        def stopped_case():
+            stopping.stop_this_thread_with(stop)
+            try:
+                with gate.turn(2):
+                    done.append(2)
+            except stopping.MainJobStopping:
+                done.append("stopped")
+
+        waiter = threading.Thread(target=stopped_case)
+        waiter.start()
+        time.sleep(0.05)
+        stop.set()
+        waiter.join(5)
+    try:
+        with gate.turn(3):
+            raise ValueError("upload failed")
+    except ValueError:
+        pass
+    with gate.turn(4):
+        done.append(4)
+
+    assert done == ["stopped", 4]

@@ -365,3 +365,27 @@ def test_queue_ahead_has_the_next_case_waiting_in_pueue_before_the_gpu_frees(tmp
     done = sorted((t["status"]["Done"] for t in fake_pueue.status()["tasks"].values()), key=lambda d: d["start"])
     for previous, following in zip(done, done[1:]):
         assert following["enqueued_at"] < previous["end"]  # queued before the GPU was free
+
+
+def test_uploads_to_one_host_wait_their_turn_as_pending(tmp_path, sshd, fake_pueue):
+    """While an earlier case uploads to the host, a later one stays pending with nothing sent;
+    it uploads when the earlier one is done."""
+    from mqi import casework
+
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)]))
+    earlier, _ = site.ledger.register_case(make_case(tmp_path, "case-a"))
+    later, _ = site.ledger.register_case(make_case(tmp_path, "case-b"))
+    placement = casework.choose_placement(site, later)
+    gate = site.upload_gate(placement.host.name)
+    uploaded = []
+    with gate.turn(casework.arrival_key(earlier)):  # case-a is uploading
+        thread = threading.Thread(target=lambda: uploaded.append(casework.upload(site, later, placement, "test")))
+        thread.start()
+        time.sleep(1)
+        assert site.ledger.get_case(later.id).state is CaseState.PENDING
+        assert not uploaded and not (Path(placement.host.workdir) / later.uid).exists()
+    thread.join(30)
+
+    assert uploaded == [True]
+    assert site.ledger.get_case(later.id).state is CaseState.UPLOADING
+    assert (Path(site.remote_case_dir(placement.host, later.uid)) / "RTPLAN.dcm").exists()
