@@ -38,6 +38,7 @@ from flows.scan_inbox import scan_inbox
 from mqi import casework, stopping
 from mqi.inbox import InboxScanner
 from mqi.job_answers import JobAnswers
+from mqi.settings_inputs import SettingsInputs
 from mqi.site import Site
 from tasks.launch import flow_run_name, running_case_ids
 
@@ -64,7 +65,8 @@ class RunThread:
 
 
 class MainJob:
-    def __init__(self, site: Site):
+    def __init__(self, site: Site, settings_inputs: SettingsInputs | None = None):
+        """`settings_inputs`: what the site's settings were read from (default: this process's now)."""
         self.site = site
         self.scanner = InboxScanner(site.settings.inbox)  # one for the job's life: it remembers folders
         self.flows: dict[UUID, Flow] = {}
@@ -76,7 +78,7 @@ class MainJob:
         self._stopping = threading.Event()  # the case threads' waits end when it is set
         self.case_run_limit = casework.total_slots(site) * CASE_RUNS_PER_SLOT
         self.reconcile_every = max(RECONCILE_MIN_SECONDS, site.settings.case.poll_seconds)
-        self.answers = JobAnswers(site.ledger, site.settings.tz)
+        self.answers = JobAnswers(site.ledger, site.settings.tz, settings_inputs or SettingsInputs.of_this_process())
 
     def run(self) -> None:
         """Until stopped (Ctrl-C, SIGTERM, `shutdown`): scan, start, follow cancellations, reconcile."""

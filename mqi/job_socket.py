@@ -3,14 +3,15 @@
 A new `mqi` process spends about 0.7 s importing pydantic-settings and SQLAlchemy before its
 first query; `mqi run` has them loaded and the ledger open, and answers in milliseconds. So
 the `mqi` command first asks the main job that has the same settings (the same settings file
-and content, `MQI_` variables and working folder: `mqi.settings_inputs.inputs_digest`), which
+and content, `MQI_` variables and working folder: `mqi.settings_inputs.SettingsInputs`), which
 `deploy/bin/mqi-site` gives by running commands as the service runs. With no such job, or no
 answer in time, the command reads the ledger itself, as before: never a different answer, only
 a slower one.
 
 The socket lives in a folder of the user's own (`$TMPDIR` or /tmp, `mqi-<uid>`, mode 0700,
-as tmux does), named by the settings digest. This module imports only the standard library;
-the job's side is `mqi.job_answers`.
+as tmux does). Its name comes from the inputs without secrets (every local user can list
+socket names); the request carries the full digest, which the job compares with its own.
+This module imports only the standard library; the job's side is `mqi.job_answers`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import stat
 import sys
 from pathlib import Path
 
-from mqi.settings_inputs import inputs_digest
+from mqi.settings_inputs import SettingsInputs
 
 QUICK_COMMANDS = frozenset({"status", "show"})
 # A busy job (a burst of cases) may take a moment; after this the command reads the ledger itself.
@@ -47,9 +48,9 @@ def private_socket_dir(create: bool) -> Path | None:
     return folder if private else None
 
 
-def socket_path(folder: Path, explicit_config: Path | None = None) -> Path:
+def socket_path(folder: Path, inputs: SettingsInputs) -> Path:
     # Short names: a socket path must fit in 108 bytes.
-    return folder / f"{inputs_digest(explicit_config)[:24]}.sock"
+    return folder / f"{inputs.public_digest()[:24]}.sock"
 
 
 def split_command(argv: list[str]) -> tuple[Path | None, list[str]] | None:
@@ -72,17 +73,36 @@ def split_command(argv: list[str]) -> tuple[Path | None, list[str]] | None:
 def ask_running_job(argv: list[str]) -> int | None:
     """Print the running job's answer to `mqi ARGV` and return its exit code; None when the
     command must run here (not a quick command, no job with these settings, no answer)."""
+    try:
+        return _ask(argv)
+    except Exception:  # only a shortcut: whatever goes wrong here, the full command answers
+        return None
+
+
+def _ask(argv: list[str]) -> int | None:
     command = split_command(argv)
     folder = private_socket_dir(create=False)
     if command is None or folder is None:
         return None
     config, args = command
-    reply = _exchange(socket_path(folder, config), {"args": args, "color": sys.stdout.isatty()})
-    if reply is None or "exit_code" not in reply:
+    inputs = SettingsInputs.of_this_process(config)
+    reply = _exchange(socket_path(folder, inputs),
+                      {"digest": inputs.digest(), "args": args, "color": sys.stdout.isatty()})
+    if not _is_answer(reply):
         return None
-    sys.stdout.write(reply.get("stdout", ""))
-    sys.stderr.write(reply.get("stderr", ""))
-    return int(reply["exit_code"])
+    # Encoded before anything is written: a terminal that cannot show a name (an ASCII
+    # locale) leaves the output to the full command, which click writes as UTF-8.
+    out = reply["stdout"].encode(sys.stdout.encoding or "utf-8")
+    err = reply["stderr"].encode(sys.stderr.encoding or "utf-8")
+    sys.stdout.buffer.write(out)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(err)
+    return reply["exit_code"]
+
+
+def _is_answer(reply: object) -> bool:
+    return (isinstance(reply, dict) and isinstance(reply.get("stdout"), str)
+            and isinstance(reply.get("stderr"), str) and type(reply.get("exit_code")) is int)
 
 
 def _exchange(path: Path, request: dict) -> dict | None:

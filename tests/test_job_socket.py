@@ -20,7 +20,7 @@ from mqi import job_socket
 from mqi.cli import app
 from mqi.job_answers import JobAnswers
 from mqi.ledger import Ledger
-from mqi.settings_inputs import inputs_digest
+from mqi.settings_inputs import SettingsInputs
 
 SEOUL = ZoneInfo("Asia/Seoul")
 
@@ -55,7 +55,7 @@ def site_files(ledger_url, tmp_path, monkeypatch):
 @pytest.fixture
 def job(site_files, ledger_url):
     """JobAnswers on the open ledger, as `mqi run` holds them while it runs."""
-    with Ledger.open(ledger_url) as ledger, JobAnswers(ledger, SEOUL) as answers:
+    with Ledger.open(ledger_url) as ledger, JobAnswers(ledger, SEOUL, SettingsInputs.of_this_process()) as answers:
         yield answers
 
 
@@ -99,13 +99,14 @@ def test_usage_errors_and_help_are_left_to_the_full_command_line(job, capsys):
     assert job.answered == 0
 
 
-def test_colors_only_for_a_terminal(job):
-    colored = job.reply({"args": ["status"], "color": True})["stdout"]
-    plain = job.reply({"args": ["status"], "color": False})["stdout"]
+def test_colors_only_for_a_terminal_as_click_gives_them(job):
+    request = {"digest": job.inputs.digest(), "args": ["show", "1"]}
+    colored = job.reply({**request, "color": True})["stdout"]
+    plain = job.reply({**request, "color": False})["stdout"]
 
-    assert "\x1b[" in colored
-    assert "\x1b[" not in plain and plain.splitlines()[1].split() == ["id", "name", "state", "progress",
-                                                                      "host", "group", "task", "age", "updated"]
+    assert colored == CliRunner().invoke(app, ["show", "1"], color=True).output
+    assert "\x1b[1m" in colored and "\x1b[" not in plain
+    assert plain == cold("show", "1").output
 
 
 def test_other_settings_are_not_answered_by_this_job(job, capsys, site_files, tmp_path, monkeypatch):
@@ -137,7 +138,7 @@ def test_the_same_file_named_any_way_is_the_same_job(job, capsys, site_files, mo
 def test_no_job_a_stopped_job_or_a_dead_socket_means_reading_the_ledger(site_files, ledger_url, capsys):
     assert warm(capsys, "status")[0] is None  # no job ever
 
-    with Ledger.open(ledger_url) as ledger, JobAnswers(ledger, SEOUL) as answers:
+    with Ledger.open(ledger_url) as ledger, JobAnswers(ledger, SEOUL, SettingsInputs.of_this_process()) as answers:
         path = answers.path
         assert warm(capsys, "status")[0] == 0
     assert not path.exists()
@@ -152,7 +153,7 @@ def test_a_socket_folder_others_can_enter_is_not_used(site_files, ledger_url, ca
     folder = job_socket.socket_dir()
     folder.mkdir(mode=0o755)
     folder.chmod(0o755)
-    with Ledger.open(ledger_url) as ledger, JobAnswers(ledger, SEOUL) as answers:
+    with Ledger.open(ledger_url) as ledger, JobAnswers(ledger, SEOUL, SettingsInputs.of_this_process()) as answers:
         assert answers.path is None
         assert warm(capsys, "status")[0] is None
     assert list(folder.iterdir()) == []
@@ -167,14 +168,26 @@ def test_a_new_mqi_process_gets_the_answer_from_the_job(job, tmp_path):
     assert job.answered == 1
 
 
-def test_the_digest_follows_every_input(site_files, tmp_path, monkeypatch):
-    base = inputs_digest()
-    assert inputs_digest(Path("mqi.yaml")) == base  # relative or absolute, named or from MQI_CONFIG
-    monkeypatch.setenv("MQI_TIMEZONE", "UTC")
-    assert inputs_digest() != base
-    monkeypatch.delenv("MQI_TIMEZONE")
+def test_the_digest_follows_every_input_and_the_socket_name_shows_no_secret(site_files, monkeypatch):
+    def inputs(explicit=None):
+        return SettingsInputs.of_this_process(explicit)
+
+    base = inputs()
+    assert inputs(Path("mqi.yaml")).digest() == base.digest()  # relative or absolute, named or from MQI_CONFIG
+    linked = site_files.with_name("linked.yaml")
+    linked.symlink_to(site_files)
+    assert inputs(linked).digest() == base.digest()  # the file itself, however it is reached
+    for name, value in (("MQI_TIMEZONE", "UTC"), ("mqi_timezone", "UTC"), ("PGHOST", "elsewhere")):
+        monkeypatch.setenv(name, value)
+        assert inputs().digest() != base.digest(), name
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MQI_LEDGER__URL", "postgresql://mqi:first-secret@db/mqi")
+    with_password = inputs()
+    monkeypatch.setenv("MQI_LEDGER__URL", "postgresql://mqi:other-secret@db/mqi")
+    assert inputs().digest() != with_password.digest()
+    assert inputs().public_digest() == with_password.public_digest()  # the values are not in the name
     site_files.write_text(site_files.read_text() + "\n")
-    assert inputs_digest() != base
+    assert inputs().digest() != with_password.digest()
 
 
 def test_split_command_finds_the_quick_commands():
@@ -182,3 +195,50 @@ def test_split_command_finds_the_quick_commands():
     assert job_socket.split_command(["-c", "a.yaml", "show", "3"]) == (Path("a.yaml"), ["show", "3"])
     for not_quick in ([], ["run"], ["db", "upgrade"], ["--version"], ["show", "--help"], ["--config"]):
         assert job_socket.split_command(not_quick) is None, not_quick
+
+
+def test_show_by_uid_and_by_a_folder_relative_to_the_working_folder(job, capsys):
+    uid = job.ledger.get_case(1).uid
+    for reference in (uid, "inbox/first_case", "./inbox/first_case"):
+        code, out, _ = warm(capsys, "show", reference, "--json")
+        assert code == 0 and out == cold("show", reference, "--json").output, reference
+    assert json.loads(out)["name"] == "first_case"
+
+
+def test_a_socket_folder_that_cannot_be_made_leaves_the_job_running_without_it(site_files, ledger_url, capsys):
+    job_socket.socket_dir().write_text("someone else's file")
+    with Ledger.open(ledger_url) as ledger, JobAnswers(ledger, SEOUL, SettingsInputs.of_this_process()) as answers:
+        assert answers.path is None
+        assert warm(capsys, "status")[0] is None
+
+
+def test_odd_requests_get_no_answer_and_do_not_stop_the_job(job, capsys):
+    digest = job.inputs.digest()
+    for request in ([], {"args": ["status"]}, {"digest": digest, "args": [["status"]]},
+                    {"digest": digest, "args": "status"}, {"digest": digest, "args": ["status", 3]}):
+        assert job.reply(request) == {}, request
+    with socket.socket(socket.AF_UNIX) as silent, socket.socket(socket.AF_UNIX) as garbled:
+        silent.connect(str(job.path))  # says nothing: the job stops listening to it after a while
+        garbled.connect(str(job.path))
+        garbled.sendall(b"\xff{not json\n")
+        garbled.shutdown(socket.SHUT_WR)
+        assert garbled.recv(100) == b""
+        assert warm(capsys, "show", "1")[0] == 0
+
+
+def test_too_many_askers_at_once_read_the_ledger_themselves(job):
+    request = {"digest": job.inputs.digest(), "args": ["status"]}
+    held = [job._room.acquire(blocking=False) for _ in range(2)]
+    assert held == [True, True]
+    assert job.reply(request) == {}
+    job._room.release()
+    assert job.reply(request)["exit_code"] == 0
+
+
+def test_a_terminal_that_cannot_show_a_name_gets_the_full_command(job, tmp_path):
+    result = subprocess.run([sys.executable, "-c", "from mqi.cli import main; main()", "show", "2"],
+                            capture_output=True, timeout=60, cwd=tmp_path,
+                            env={**os.environ, "PYTHONIOENCODING": "ascii"})
+
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert result.stdout.startswith("case 2  케이스_둘".encode())  # click writes UTF-8 to an ASCII stream

@@ -13,6 +13,7 @@ from typer.core import TyperGroup
 
 from mqi.errors import ConfigError, MqiError
 from mqi.settings import Settings, load_settings
+from mqi.settings_inputs import SettingsInputs
 
 
 class UserError(MqiError):
@@ -49,6 +50,7 @@ app.add_typer(config_app, name="config")
 
 _config_file: Path | None = None
 _settings: Settings | None = None
+_settings_inputs: SettingsInputs | None = None
 
 
 @app.callback()
@@ -69,7 +71,16 @@ def config_file() -> Path | None:
 
 def current_settings() -> Settings:
     """The settings for this invocation, read once (raises ConfigError)."""
-    global _settings
+    global _settings, _settings_inputs
     if _settings is None:
+        # Taken before reading: if the file is edited in between, no process has these inputs.
+        _settings_inputs = SettingsInputs.of_this_process(_config_file)
         _settings = load_settings(_config_file)
     return _settings
+
+
+def current_settings_inputs() -> SettingsInputs:
+    """What `current_settings()` were read from (the main job answers askers with the same)."""
+    current_settings()
+    assert _settings_inputs is not None
+    return _settings_inputs

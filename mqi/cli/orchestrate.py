@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from mqi.cli.command_line import UserError, app, config_file, current_settings
+from mqi.cli.command_line import UserError, app, config_file, current_settings, current_settings_inputs
 from mqi.errors import MqiError
 from mqi.instance_lock import hold_run_locks
 from mqi.logfile import setup_main_job_logging
@@ -147,7 +147,7 @@ def serve_until_stopped(settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, _stop_on_sigterm)  # systemd's stop: the same as Ctrl-C
     try:
-        MainJob(site).run()
+        MainJob(site, current_settings_inputs()).run()
     except KeyboardInterrupt:
         typer.echo("mqi run: stopped")
 
