@@ -275,7 +275,9 @@ class Waiter:
                 return outcome_of(task)
             fault_point("while-waiting")
             self._update_progress(task)
-            self.sleep(min(poll, remaining))
+            # Until the snapshot just read is due again, so that the time spent on this round
+            # (the status call itself, progress) is not added to the poll interval.
+            self.sleep(min(status.seconds_until_stale() or poll, remaining))
 
     def _note_start(self, task: TaskInfo) -> None:
         if task.state is TaskState.QUEUED or self.attempt.started_at is not None:

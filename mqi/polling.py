@@ -97,6 +97,14 @@ class SharedStatus:
                     return fresh
                 return self._refresh()
 
+    def seconds_until_stale(self) -> float:
+        """How long the snapshot at hand stays fresh: a waiter that checks again then sees a
+        new one (0 when there is none)."""
+        loaded = self._read_cache_file()
+        if loaded is None:
+            return 0.0
+        return min(self.max_age, max(0.0, loaded.taken_at + self.max_age - self._clock()))
+
     def invalidate(self) -> None:
         """Make the next read, in any process, ask the queue (after a submit or a kill)."""
         # Under the lock so that a refresh started before our change cannot be stored after it.

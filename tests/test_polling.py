@@ -323,3 +323,17 @@ def test_a_failed_log_read_gives_no_progress_and_is_not_repeated_at_once(queue):
     queue.failure = None
     clock.now += 5
     assert tails.tail(1) == "output of mqi-c1-a1"
+
+
+def test_seconds_until_stale_counts_down_from_the_last_answer(queue, cache_dir):
+    clock = FakeClock()
+    shared = SharedStatus(queue, cache_dir, max_age=10, clock=clock)
+    assert shared.seconds_until_stale() == 0.0  # nothing read yet
+    shared.snapshot()
+    clock.now += 4
+    assert shared.seconds_until_stale() == 6
+    clock.now += 7
+    assert shared.seconds_until_stale() == 0.0
+    shared.snapshot()
+    shared.invalidate()
+    assert shared.seconds_until_stale() == 0.0

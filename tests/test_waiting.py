@@ -1,0 +1,41 @@
+"""Waiting on a task: one status per poll interval, whatever else a round of polling does."""
+
+from __future__ import annotations
+
+import time
+
+from mqi import casework
+from mqi.ledger.states import AttemptResult
+from mqi.site import Site
+from tests.support.cases import local_host, make_case, settings_for
+
+POLL = 1.0
+SLOW_PROGRESS_READ = 0.3
+
+
+def test_the_next_check_comes_one_poll_interval_after_the_last_status_not_after_the_progress_read(tmp_path):
+    site = Site(settings_for(tmp_path, [local_host(tmp_path)], command="sleep 2.5", poll_seconds=POLL))
+    case, _ = site.ledger.register_case(make_case(tmp_path, "case-w"))
+    placement = casework.choose_placement(site, case)
+    assert casework.upload(site, case, placement, "test")
+    attempt = casework.submit(site, case, placement, "test")
+    queue = site.queue(placement.host.name)
+    read_quickly = queue.log_tails
+
+    def slow_log_read(*args, **kwargs):
+        time.sleep(SLOW_PROGRESS_READ)  # the progress read after the first status takes a while
+        return read_quickly(*args, **kwargs)
+
+    queue.log_tails = slow_log_read
+    pauses = []
+
+    def pause(seconds):
+        pauses.append(seconds)
+        time.sleep(seconds)
+
+    outcome = casework.Waiter(site, case, attempt, "test", sleep=pause).wait()
+
+    assert outcome.result is AttemptResult.SUCCESS
+    assert len(pauses) >= 2, pauses
+    assert POLL - SLOW_PROGRESS_READ - 0.15 < pauses[0] < POLL - SLOW_PROGRESS_READ + 0.05, pauses
+    assert all(p <= POLL for p in pauses), pauses
