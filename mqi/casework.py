@@ -137,6 +137,8 @@ def arrival_key(case: Case) -> tuple:
 
 
 def _upload(site: Site, case: Case, placement: Placement, actor: str) -> bool:
+    # The remote folder is named by the case: only an earlier upload of it can have left it there.
+    uploaded_before = any(event.to_state is CaseState.UPLOADING for event in site.ledger.events(case.id))
     if site.ledger.get_case(case.id).state is not CaseState.UPLOADING:  # else resuming a broken upload
         site.ledger.transition(case.id, CaseState.UPLOADING, actor=actor, message=f"to {placement.host.name}")
     remote_dir = site.remote_case_dir(placement.host, case.uid)
@@ -146,6 +148,7 @@ def _upload(site: Site, case: Case, placement: Placement, actor: str) -> bool:
             case.folder,
             remote_dir,
             timeout=site.settings.transfer.timeout_seconds,
+            may_be_there=uploaded_before,
         )
         fault_point("after-upload")
     except transfer.CaseInputError as exc:
@@ -177,10 +180,13 @@ def submit(site: Site, case: Case, placement: Placement, actor: str, flow_run_id
         remote_dir=remote_dir,
         flow_run_id=flow_run_id,
     )
-    return add_task(site, case, attempt, placement, actor)
+    # Its label is new (attempt numbers only grow): no task can carry it, no status to read first.
+    return add_task(site, case, attempt, placement, actor, resumed=False)
 
 
-def add_task(site: Site, case: Case, attempt: Attempt, placement: Placement, actor: str) -> Attempt:
+def add_task(site: Site, case: Case, attempt: Attempt, placement: Placement, actor: str, *,
+             resumed: bool = True) -> Attempt:
+    """Add the attempt's task; a resumed submission adopts a task that already has its label."""
     output_dir = f"{attempt.remote_dir}/{site.settings.case.output_subdir}"
     env = {"MQI_CASE_UID": case.uid, "MQI_OUTPUT_DIR": output_dir}
     if placement.group.devices is not None:
@@ -192,7 +198,7 @@ def add_task(site: Site, case: Case, attempt: Attempt, placement: Placement, act
         command=site.settings.case.command,
         env=env,
     )
-    task_id = site.queue(placement.host.name).submit(request)
+    task_id = site.queue(placement.host.name).submit(request, adopt=resumed)
     fault_point("after-add")
     site.status(placement.host.name).invalidate()
     attempt = site.ledger.update_attempt(attempt.id, task_id=task_id)

@@ -87,19 +87,21 @@ def upload_case(
     *,
     timeout: float,
     python: str = DEFAULT_PYTHON,
+    may_be_there: bool = True,
 ) -> Manifest:
     """Put a copy of `local_dir` at `remote_dir` on the host and return its manifest.
 
     If the host already holds exactly this folder (an earlier upload that completed), no
     data is sent. A partial or different folder there is replaced. `python` is the
-    interpreter on the host."""
+    interpreter on the host. `may_be_there=False` (a first upload to a new folder) skips
+    looking, a remote command less."""
     deadline = Deadline(timeout)
     local_dir = Path(local_dir)
     entries = _scan_case(local_dir)
     outcome: dict[str, list[dict]] = {}
 
     def write(stream) -> None:
-        reusable = _reusable(local_dir, entries, asked.result())
+        reusable = _reusable(local_dir, entries, asked.result()) if may_be_there else None
         if reusable is not None:
             outcome["reused"] = reusable  # send nothing: the receiver leaves the host as is
         else:
@@ -108,7 +110,8 @@ def upload_case(
     # What the host already holds is asked while the receiver starts: each remote command
     # costs a shell start, and this way the upload waits for one, not two.
     with ThreadPoolExecutor(max_workers=1) as background:
-        asked = background.submit(_remote_manifest, transport, remote_dir, deadline, python)
+        if may_be_there:
+            asked = background.submit(_remote_manifest, transport, remote_dir, deadline, python)
         result = _case_call(
             local_dir,
             transport.run_writing,

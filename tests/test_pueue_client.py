@@ -137,6 +137,17 @@ def test_a_second_submit_adopts_the_task_with_the_same_label(queue, pueue_host, 
     queue.kill(first, "mqi-c1-a1")
 
 
+def test_a_new_label_is_added_without_reading_the_status_first(queue, pueue_host, tmp_path):
+    """One remote call per first submission: the status (all tasks, large on a busy host) is read
+    only to adopt a task of a resumed submission."""
+    calls_before = len(pueue_host.calls())
+    task_id = queue.submit(SubmitRequest("mqi-new-a1", GROUP, str(tmp_path), "sleep 30", {}), adopt=False)
+
+    assert [_subcommand(argv) for argv in _argvs(pueue_host)[calls_before:]] == ["add"]
+    assert queue.snapshot().find(task_id, "mqi-new-a1") is not None
+    queue.kill(task_id, "mqi-new-a1")
+
+
 def test_stored_environment_holds_only_what_we_passed(queue, pueue_host, tmp_path, monkeypatch):
     monkeypatch.setenv("MQI_DB_PASSWORD", "canary-secret")
     monkeypatch.setenv("PREFECT_API_KEY", "canary-key")

@@ -321,6 +321,22 @@ def test_an_upload_already_in_place_is_not_sent_again(each_transport, tmp_path):
     assert (remote.stat().st_ino, (remote / "plan.dcm").stat().st_ino) == before
 
 
+def test_a_first_upload_does_not_look_first_and_replaces_whatever_is_there(each_transport, tmp_path):
+    case = make_case(tmp_path)
+    remote = tmp_path / "remote"
+    upload_case(each_transport, case, str(remote), timeout=TIMEOUT)
+    (remote / "stray.txt").write_text("left by someone")
+    commands = []
+    transport = Tapped(each_transport)
+    transport.run = lambda argv, **kwargs: commands.append(argv) or each_transport.run(argv, **kwargs)
+
+    again = upload_case(transport, case, str(remote), timeout=TIMEOUT, may_be_there=False)
+
+    assert commands == []  # only the receiver ran: no manifest asked for
+    assert not again.reused and transport.bytes_sent > 0
+    assert not (remote / "stray.txt").exists() and (remote / "plan.dcm").exists()
+
+
 def test_same_sizes_but_other_content_is_sent_again(each_transport, tmp_path):
     case = make_case(tmp_path)
     remote = tmp_path / "remote"

@@ -104,8 +104,10 @@ class Queue(ABC):
     host: str
 
     @abstractmethod
-    def submit(self, request: SubmitRequest) -> int:
-        """Add the task unless one with the same label exists; return its id either way."""
+    def submit(self, request: SubmitRequest, *, adopt: bool = True) -> int:
+        """Add the task and return its id; with `adopt`, a task with the same label (a submission
+        resumed after a crash) is returned instead. Without, no status is read first: for a
+        label made just now, that no task can carry yet."""
 
     @abstractmethod
     def snapshot(self) -> QueueSnapshot:

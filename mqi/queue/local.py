@@ -240,7 +240,7 @@ class LocalQueue(Queue):
 
     # --- Queue interface
 
-    def submit(self, request: SubmitRequest) -> int:
+    def submit(self, request: SubmitRequest, *, adopt: bool = True) -> int:
         with self._locked():
             if request.group not in self.groups:
                 raise QueueError(
@@ -249,7 +249,7 @@ class LocalQueue(Queue):
                 )
             tasks = self._refresh_all()
             same_label = [t.id for t in tasks.values() if t.label == request.label]
-            if same_label:
+            if same_label and adopt:
                 return max(same_label)
             task_id = self._create(request)
             self._start_queued(self._refresh_all())

@@ -120,9 +120,9 @@ class PueueQueue(Queue):
 
     # --- the Queue interface ---
 
-    def submit(self, request: SubmitRequest) -> int:
+    def submit(self, request: SubmitRequest, *, adopt: bool = True) -> int:
         _check_request(request)
-        existing = self.snapshot().find(None, request.label)
+        existing = self.snapshot().find(None, request.label) if adopt else None
         if existing is not None:
             log.info("host %s: adopting task %d of %s", self.host, existing.id, request.label)
             return existing.id

@@ -1,4 +1,5 @@
-"""Waiting on a task: one status per poll interval, whatever else a round of polling does."""
+"""The steps around the engine: uploads that look on the host only when needed, and waiting
+with one status per poll interval, whatever else a round of polling does."""
 
 from __future__ import annotations
 
@@ -39,3 +40,22 @@ def test_the_next_check_comes_one_poll_interval_after_the_last_status_not_after_
     assert len(pauses) >= 2, pauses
     assert POLL - SLOW_PROGRESS_READ - 0.15 < pauses[0] < POLL - SLOW_PROGRESS_READ + 0.05, pauses
     assert all(p <= POLL for p in pauses), pauses
+
+
+def test_only_a_case_uploaded_before_looks_for_its_folder_on_the_host(tmp_path, monkeypatch):
+    """A first upload sends at once; after an interrupted upload, a complete copy on the host is reused."""
+    from mqi import transfer
+    from mqi.ledger.states import CaseState
+
+    site = Site(settings_for(tmp_path, [local_host(tmp_path)]))
+    case, _ = site.ledger.register_case(make_case(tmp_path, "case-u"))
+    placement = casework.choose_placement(site, case)
+    real_upload, uploads = transfer.upload_case, []
+    monkeypatch.setattr(transfer, "upload_case", lambda *a, **kw: uploads.append((kw["may_be_there"],
+                                                                                   real_upload(*a, **kw))))
+
+    assert casework.upload(site, case, placement, "test")
+    site.ledger.transition(case.id, CaseState.PENDING, actor="test", message="upload interrupted")
+    assert casework.upload(site, case, placement, "test")
+
+    assert [(looked, manifest.reused) for looked, manifest in uploads] == [(False, False), (True, True)]
