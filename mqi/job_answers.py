@@ -60,7 +60,7 @@ class JobAnswers:
                         job_socket.socket_dir(), error)
         return self
 
-    def _serve(self) -> socketserver.ThreadingUnixStreamServer | None:
+    def _serve(self) -> socketserver.ThreadingUnixStreamServer:
         folder = job_socket.private_socket_dir(create=True)
         if folder is None:
             raise OSError("the folder is not this user's alone")

@@ -163,6 +163,23 @@ def test_connection_cut_during_a_command_is_unreachable_not_a_timeout(sshd_facto
     assert transport.run(["true"], timeout=20).exit_code == 0  # reconnects
 
 
+def test_connection_cut_while_writing_a_commands_input_is_unreachable(sshd_factory):
+    """However paramiko reports the cut (OSError, EOFError), the writer sees the host lost."""
+    server = sshd_factory()
+    transport = transport_for(server)
+    block = b"x" * (1 << 20)
+
+    def write(stream):
+        stream.write(block)
+        server.kill_sessions()
+        for _ in range(500):  # until the cut reaches the sender
+            stream.write(block)
+
+    with pytest.raises(HostUnreachable, match="connection lost"):
+        transport.run_writing(["sh", "-c", "cat > /dev/null"], write, timeout=60)
+    assert transport.run(["true"], timeout=20).exit_code == 0  # reconnects
+
+
 def test_nothing_listening_is_unreachable(sshd_factory):
     server = sshd_factory()
     server.stop()

@@ -51,6 +51,9 @@ READ_CHUNK = 1024 * 1024
 POLL_SLICE = 0.2  # seconds between looks at stderr while waiting for stdout
 #: AES-GCM needs no separate MAC pass, so it is the cheapest cipher paramiko offers.
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+#: How paramiko reports a connection cut under a channel: a socket error, or EOFError from its
+#: packet writer, or SSHException.
+_CONNECTION_ERRORS = (OSError, EOFError, paramiko.SSHException)
 #: sshd refuses more than MaxSessions (default 10) channels on one connection.
 DEFAULT_MAX_SESSIONS = 8
 
@@ -131,7 +134,7 @@ class SshTransport(Transport):
     ) -> tuple[T, CommandResult]:
         deadline = Deadline(timeout)
         with self._channel(argv, deadline) as channel:
-            channel.shutdown_write()
+            self._end_input(channel, argv)
             try:
                 value = read(_ChannelReader(self, channel, argv, deadline))
             except Exception as error:
@@ -164,13 +167,13 @@ class SshTransport(Transport):
             channel = self._open_session(deadline)
             try:
                 channel.exec_command(command)
-            except (paramiko.SSHException, OSError, EOFError) as error:
+            except _CONNECTION_ERRORS as error:
                 channel.close()
                 raise HostUnreachable(self.host, f"could not start {argv[0]!r}: {error}")
             try:
                 yield channel
             finally:
-                channel.close()
+                _close_quietly(channel)
         finally:
             self._sessions.release()
 
@@ -186,7 +189,7 @@ class SshTransport(Transport):
                 )
             except paramiko.ChannelException as error:
                 raise HostUnreachable(self.host, f"the server refused a session: {error}")
-            except (paramiko.SSHException, OSError, EOFError) as error:
+            except _CONNECTION_ERRORS as error:
                 if transport.is_active():  # slow, not broken: other commands may be using it
                     raise HostUnreachable(self.host, f"could not open a session: {error}")
                 self._forget(transport)
@@ -205,7 +208,13 @@ class SshTransport(Transport):
             write(_ChannelWriter(self, channel, argv, deadline))
         except _InputClosed:
             pass  # the command stopped reading: its exit code and stderr say why
-        channel.shutdown_write()
+        self._end_input(channel, argv)
+
+    def _end_input(self, channel: paramiko.Channel, argv: Sequence[str]) -> None:
+        try:
+            channel.shutdown_write()
+        except _CONNECTION_ERRORS as error:
+            self._raise_if_lost(channel, argv, error)
 
     def _finish(
         self,
@@ -402,6 +411,15 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
         client.get_host_keys().add(hostname, key.get_name(), key)
 
 
+def _close_quietly(channel: paramiko.Channel) -> None:
+    """Close our side; on a connection already gone there is nothing left to tell the server,
+    and the error that ended the command is the one to report."""
+    try:
+        channel.close()
+    except _CONNECTION_ERRORS:
+        pass
+
+
 class _ChannelWriter:
     """The standard input of a remote command, as a file to write to."""
 
@@ -425,7 +443,7 @@ class _ChannelWriter:
             self._channel.sendall(packet)
         except socket.timeout:
             raise command_timeout(self._owner.host, self._argv, self._deadline.timeout) from None
-        except OSError as error:
+        except _CONNECTION_ERRORS as error:
             self._owner._raise_if_lost(self._channel, self._argv, error)
             raise _InputClosed() from error
 
