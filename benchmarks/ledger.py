@@ -27,6 +27,7 @@ from benchmarks.harness import median, timings
 from benchmarks.report import Row, Section
 from mqi.ledger.models import AttemptRow, CaseRow, EventRow
 from mqi.ledger.store import Ledger
+from tests.support.cases import mqi_listing_imports
 
 MQI = str(Path(sys.executable).with_name("mqi"))
 RUNS = 10
@@ -95,8 +96,7 @@ def main_job(config: Path, workdir: Path) -> Iterator[None]:
 
 def answered_by_the_job(argv: list[str], workdir: Path) -> bool:
     """True when the command's answer came from the job: the process never imported SQLAlchemy."""
-    python = [sys.executable, "-X", "importtime", "-m", "mqi.cli", *argv[1:]]
-    result = subprocess.run(python, cwd=workdir, capture_output=True, text=True)
+    result = mqi_listing_imports(argv[1:], workdir)
     return result.returncode == 0 and "sqlalchemy" not in result.stderr
 
 

@@ -101,7 +101,7 @@ def upload_case(
     outcome: dict[str, list[dict]] = {}
 
     def write(stream) -> None:
-        reusable = _reusable(local_dir, entries, asked.result()) if may_be_there else None
+        reusable = _reusable(local_dir, entries, asked.result() if asked else None)
         if reusable is not None:
             outcome["reused"] = reusable  # send nothing: the receiver leaves the host as is
         else:
@@ -110,8 +110,7 @@ def upload_case(
     # What the host already holds is asked while the receiver starts: each remote command
     # costs a shell start, and this way the upload waits for one, not two.
     with ThreadPoolExecutor(max_workers=1) as background:
-        if may_be_there:
-            asked = background.submit(_remote_manifest, transport, remote_dir, deadline, python)
+        asked = background.submit(_remote_manifest, transport, remote_dir, deadline, python) if may_be_there else None
         result = _case_call(
             local_dir,
             transport.run_writing,

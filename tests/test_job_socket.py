@@ -190,6 +190,12 @@ def test_the_digest_follows_every_input_and_the_socket_name_shows_no_secret(site
     assert inputs().digest() != with_password.digest()
 
 
+def test_the_job_answers_exactly_the_commands_the_client_asks_it():
+    from mqi import job_answers
+
+    assert set(job_answers._OUTPUTS) == job_socket.QUICK_COMMANDS
+
+
 def test_split_command_finds_the_quick_commands():
     assert job_socket.split_command(["status"]) == (None, ["status"])
     assert job_socket.split_command(["-c", "a.yaml", "show", "3"]) == (Path("a.yaml"), ["show", "3"])

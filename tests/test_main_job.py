@@ -18,7 +18,17 @@ import pytest
 import yaml
 
 from mqi.ledger.states import AttemptResult, CaseState
-from tests.support.cases import OUTPUT, case_state, local_host, make_case, pid_alive, settings_for, start, wait_for
+from tests.support.cases import (
+    OUTPUT,
+    case_state,
+    local_host,
+    make_case,
+    mqi_listing_imports,
+    pid_alive,
+    settings_for,
+    start,
+    wait_for,
+)
 
 MQI = [sys.executable, "-m", "mqi.cli"]
 
@@ -46,8 +56,7 @@ def status(config: Path) -> list[dict]:
 
 def show_importing(config: Path, cwd: Path, env: dict) -> subprocess.CompletedProcess:
     """`mqi show 1` as a new process, with the modules it imported listed on stderr."""
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "mqi.cli", "--config", str(config), "show", "1"],
-                            cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    result = mqi_listing_imports(["--config", str(config), "show", "1"], cwd, env)
     assert result.returncode == 0, result.stderr[-2000:]
     return result
 

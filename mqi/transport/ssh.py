@@ -168,7 +168,7 @@ class SshTransport(Transport):
             try:
                 channel.exec_command(command)
             except _CONNECTION_ERRORS as error:
-                channel.close()
+                _close_quietly(channel)
                 raise HostUnreachable(self.host, f"could not start {argv[0]!r}: {error}")
             try:
                 yield channel

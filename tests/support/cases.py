@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -88,3 +90,10 @@ def case_state(site, folder):
         return site.ledger.find_case(str(folder)).state
     except CaseNotFound:
         return None
+
+
+def mqi_listing_imports(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`mqi ARGS` as a new process, with the modules it imported listed on stderr: a command the
+    running main job answered never imports SQLAlchemy."""
+    return subprocess.run([sys.executable, "-X", "importtime", "-m", "mqi.cli", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
