@@ -19,6 +19,7 @@ from uuid import UUID
 
 import watchfiles
 from prefect import Flow, get_client
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterDeploymentId,
@@ -79,6 +80,21 @@ class MainJob:
         self.case_run_limit = casework.total_slots(site) * CASE_RUNS_PER_SLOT
         self.reconcile_every = max(RECONCILE_MIN_SECONDS, site.settings.case.poll_seconds)
         self.answers = JobAnswers(site.ledger, site.settings.tz, settings_inputs or SettingsInputs.of_this_process())
+        self._api: SyncPrefectClient | None = None
+
+    @property
+    def api(self) -> SyncPrefectClient:
+        """The loop's Prefect client, one for the job's life: a client per call cost 15 ms of TLS
+        set-up and a new connection to the server, several times a second."""
+        if self._api is None:
+            self._api = get_client(sync_client=True)
+            self._api.__enter__()
+        return self._api
+
+    def close_api(self) -> None:
+        if self._api is not None:
+            self._api.__exit__(None, None, None)
+            self._api = None
 
     def run(self) -> None:
         """Until stopped (Ctrl-C, SIGTERM, `shutdown`): scan, start, follow cancellations, reconcile."""
@@ -90,6 +106,7 @@ class MainJob:
                 self._serve()
         finally:
             self.stop()
+            self.close_api()
 
     def _serve(self) -> None:
         next_scan = next_reconcile = 0.0
@@ -133,23 +150,21 @@ class MainJob:
     def register_deployments(self) -> None:
         """The deployments the UI starts runs of; this job starts their scheduled runs itself,
         so any schedule left on them (an older version served them on intervals) is removed."""
-        with get_client(sync_client=True) as client:
-            for flow in (process_case, scan_inbox, reconcile):
-                deployment_id = flow.to_deployment(name=flow.name).apply()
-                for schedule in client.read_deployment(deployment_id).schedules:
-                    client.delete_deployment_schedule(deployment_id, schedule.id)
-                self.flows[deployment_id] = flow
-                self.deployment_of[flow.name] = deployment_id
+        for flow in (process_case, scan_inbox, reconcile):
+            deployment_id = flow.to_deployment(name=flow.name).apply()
+            for schedule in self.api.read_deployment(deployment_id).schedules:
+                self.api.delete_deployment_schedule(deployment_id, schedule.id)
+            self.flows[deployment_id] = flow
+            self.deployment_of[flow.name] = deployment_id
 
     def close_runs_of_a_dead_job(self) -> None:
         """Runs this job's deployments show as pending or running now were left by an `mqi run`
         that was killed (only one runs at a time): marked crashed, so the UI does not show them
         running forever. Their cases are resumed by reconcile, which starts first."""
-        with get_client(sync_client=True) as client:
-            left = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                deployment_id=FlowRunFilterDeploymentId(any_=list(self.flows)),
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING])),
-            ))
+        left = self.api.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=list(self.flows)),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING])),
+        ))
         for flow_run in left:
             self._set_state(flow_run.id, Crashed(message="the mqi run that ran it stopped; its case is resumed"))
 
@@ -164,18 +179,13 @@ class MainJob:
             log.info("inbox: registered %d new case(s), started %d", registered, len(cases))
 
     def start_new_run(self, flow: Flow, parameters: dict, name: str) -> None:
-        with get_client(sync_client=True) as client:
-            flow_run = client.create_flow_run_from_deployment(
-                self.deployment_of[flow.name], parameters=parameters, name=name
-            )
+        flow_run = self.api.create_flow_run_from_deployment(self.deployment_of[flow.name], parameters=parameters,
+                                                            name=name)
         self.start(flow_run)
 
     def start_runs_from_elsewhere(self) -> None:
         """Runs of our deployments created by the UI, the API, reconcile or an automation."""
-        with get_client(sync_client=True) as client:
-            due = client.get_scheduled_flow_runs_for_deployments(
-                list(self.flows), scheduled_before=datetime.now(UTC)
-            )
+        due = self.api.get_scheduled_flow_runs_for_deployments(list(self.flows), scheduled_before=datetime.now(UTC))
         for flow_run in sorted(due, key=lambda r: r.next_scheduled_start_time or r.created):
             if flow_run.id not in self.runs:
                 self.start(flow_run)
@@ -184,9 +194,8 @@ class MainJob:
         flow = self.flows[flow_run.deployment_id]
         if flow is process_case and self.runs_of(process_case) >= self.case_run_limit:
             return  # stays scheduled; started when a case run ends
-        with get_client(sync_client=True) as client:
-            if client.set_flow_run_state(flow_run.id, Pending()).status is not SetStateStatus.ACCEPT:
-                return  # cancelled or taken meanwhile
+        if self.api.set_flow_run_state(flow_run.id, Pending()).status is not SetStateStatus.ACCEPT:
+            return  # cancelled or taken meanwhile
         thread = threading.Thread(target=self._execute, args=(flow, flow_run), name=f"run-{flow_run.name}",
                                   daemon=True)  # a case that does not stop in time does not hold the exit
         self.runs[flow_run.id] = RunThread(flow_run, flow, thread)
@@ -225,11 +234,10 @@ class MainJob:
         waiting = [run_id for run_id, run in self.runs.items() if not run.cancel_requested]
         if not waiting:
             return
-        with get_client(sync_client=True) as client:
-            cancelling = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=waiting),
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING])),
-            ))
+        cancelling = self.api.read_flow_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=waiting),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING])),
+        ))
         for flow_run in cancelling:
             run = self.runs[flow_run.id]
             run.cancel_requested = True
@@ -250,7 +258,6 @@ class MainJob:
 
     def _set_state(self, run_id: UUID, state) -> None:
         try:
-            with get_client(sync_client=True) as client:
-                client.set_flow_run_state(run_id, state, force=True)
+            self.api.set_flow_run_state(run_id, state, force=True)
         except Exception as exc:  # the server may be stopping too: the run is reconciled later
             log.warning("could not mark flow run %s %s: %s", run_id, state.name, exc)

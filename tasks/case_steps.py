@@ -41,7 +41,10 @@ def claim_case(case: Case):
     return claims.claim(get_site().settings.state_dir, case.id)
 
 
-@task(name="find-live-attempt")
+# Ledger look-ups, not steps: plain calls. A task run costs the Prefect server some 25 ms of
+# CPU (its states and events are written) and shows the physicist nothing.
+
+
 def live_attempt(case: Case) -> Attempt | None:
     return get_site().ledger.live_attempt(case.id)
 
@@ -51,12 +54,10 @@ def choose_placement(case: Case, host: str | None, group: str | None) -> Placeme
     return casework.wait_for_placement(get_site(), case, host, group)
 
 
-@task(name="slot-candidates")
 def slot_candidates(case: Case, placement: Placement, group: str | None) -> list[Placement]:
     return casework.slot_candidates(get_site(), case, placement, group)
 
 
-@task(name="placement-of-attempt")
 def placement_of(attempt: Attempt) -> Placement:
     return get_site().placement(attempt.host, attempt.group)
 

@@ -231,7 +231,9 @@ def test_runs_left_running_by_a_killed_job_are_closed_as_crashed(tmp_path, main_
     from flows.main_job import MainJob
 
     site = start(settings_for(tmp_path, [local_host(tmp_path)], command=OUTPUT))
-    MainJob(site).register_deployments()
+    first = MainJob(site)
+    first.register_deployments()
+    first.close_api()
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("process-case/process-case")
         left = client.create_flow_run_from_deployment(deployment.id, parameters={"case": "999999"})
