@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,22 +37,36 @@ def make_data(root: Path, big_mb: int, small_count: int) -> dict[str, Path]:
     return {f"one file of {big_mb} MB": big, f"{small_count:,} files of 50 KB": small}
 
 
-def median_seconds(action: Callable[[int], None], repeat: int) -> float:
-    return median(timings(action, repeat))
-
-
 class TransferBench:
     def __init__(self, lab: Lab, repeat: int):
         self.server = lab.sshd
         self.scratch = lab.root / "copies"
+        self.scratch.mkdir(parents=True, exist_ok=True)
         self.repeat = repeat
         self.transport = SshTransport(**self.server.transport_params("bench-transfer"))
         self.transport.run(["true"], timeout=30).check()  # open the shared connection once
 
-    def fresh(self, label: str, attempt: int) -> Path:
-        path = self.scratch / f"{label}-{attempt}"
+    def copy_path(self, label: str) -> Path:
+        return self.scratch / label
+
+    def timed(self, action: Callable[[Path], None], label: str) -> float:
+        """Seconds `action` takes to make a copy at a fresh path; the copy is removed after,
+        untimed, so that no run pays for the writeback of an earlier run's data."""
+        path = self.copy_path(label)
+        started = time.perf_counter()
+        action(path)
+        seconds = time.perf_counter() - started
         shutil.rmtree(path, ignore_errors=True)
-        return path
+        return seconds
+
+    def side_by_side(self, ours: Callable[[Path], None], theirs: Callable[[Path], None]) -> tuple[float, float]:
+        """Medians of `repeat` runs each, alternating, so that a machine whose speed drifts
+        during the run (other load, page cache) weighs on both alike."""
+        runs: tuple[list[float], list[float]] = ([], [])
+        for _ in range(self.repeat):
+            runs[0].append(self.timed(ours, "ours"))
+            runs[1].append(self.timed(theirs, "scp"))
+        return median(runs[0]), median(runs[1])
 
     def scp(self, source: str, dest: str) -> None:
         subprocess.run(
@@ -63,23 +78,19 @@ class TransferBench:
     def remote(self, path: Path) -> str:
         return f"{self.server.username}@{self.server.hostname}:{path}"
 
-    def upload(self, folder: Path, attempt: int) -> None:
-        upload_case(self.transport, folder, str(self.fresh("up-ours", attempt)), timeout=TIMEOUT, python=REMOTE_PYTHON)
+    def upload(self, folder: Path, dest: Path) -> None:
+        """As a case's first upload: nothing of it can be on the host yet, so the host is not asked."""
+        upload_case(self.transport, folder, str(dest), timeout=TIMEOUT, python=REMOTE_PYTHON, may_be_there=False)
 
-    def download(self, folder: Path, attempt: int) -> None:
-        download_results(self.transport, str(folder), self.fresh("down-ours", attempt), timeout=TIMEOUT,
-                         python=REMOTE_PYTHON)
+    def download(self, folder: Path, dest: Path) -> None:
+        download_results(self.transport, str(folder), dest, timeout=TIMEOUT, python=REMOTE_PYTHON)
 
     def rows(self, name: str, folder: Path) -> list[Row]:
         timed = {
-            "upload": (
-                median_seconds(lambda n: self.upload(folder, n), self.repeat),
-                median_seconds(lambda n: self.scp(str(folder), self.remote(self.fresh("up-scp", n))), self.repeat),
-            ),
-            "download": (
-                median_seconds(lambda n: self.download(folder, n), self.repeat),
-                median_seconds(lambda n: self.scp(self.remote(folder), str(self.fresh("down-scp", n))), self.repeat),
-            ),
+            "upload": self.side_by_side(lambda dest: self.upload(folder, dest),
+                                        lambda dest: self.scp(str(folder), self.remote(dest))),
+            "download": self.side_by_side(lambda dest: self.download(folder, dest),
+                                          lambda dest: self.scp(self.remote(folder), str(dest))),
         }
         return [
             Row(f"{way} {name}", f"{ours:.2f} s", f"at most {TARGET_RATIO:.1f} x scp", ours <= TARGET_RATIO * scp,
@@ -90,10 +101,10 @@ class TransferBench:
     def connection_cost(self) -> float:
         command = ["ssh", "-p", str(self.server.port), *self.server.openssh_client_options(),
                    f"{self.server.username}@{self.server.hostname}", "true"]  # fmt: skip
-        return median_seconds(lambda n: subprocess.run(command, check=True), self.repeat)
+        return median(timings(lambda n: subprocess.run(command, check=True), self.repeat))
 
 
-def run(lab: Lab, *, repeat: int = 3, big_mb: int = 200, small_count: int = 2000) -> Section:
+def run(lab: Lab, *, repeat: int = 5, big_mb: int = 200, small_count: int = 2000) -> Section:
     bench = TransferBench(lab, repeat)
     try:
         rows = []
@@ -101,8 +112,8 @@ def run(lab: Lab, *, repeat: int = 3, big_mb: int = 200, small_count: int = 2000
             rows += bench.rows(name, folder)
         cipher = bench.transport._client.get_transport().remote_cipher
         notes = [
-            f"Median of {repeat} runs each way, to a private sshd on 127.0.0.1; the copies land on the "
-            f"same disk. Our cipher: {cipher}; connections we opened for all {4 * repeat} transfers: "
+            f"Median of {repeat} runs each way, ours and scp taking turns, to a private sshd on 127.0.0.1; "
+            f"the copies land on the same disk and each is deleted (untimed) before the next run. Our cipher: {cipher}; connections we opened for all {4 * repeat} transfers: "
             f"{bench.transport.connections_opened}.",
             f"scp opens a new connection for each copy: `ssh host true` takes {bench.connection_cost():.2f} s, "
             "included in every scp figure. Ours verifies a sha256 manifest at both ends; scp checks nothing "

@@ -223,3 +223,43 @@ def test_shared_transport_is_one_per_configuration(sshd):
     assert shared_ssh_transport(**params) is first
     assert shared_ssh_transport(**{**params, "port": sshd.port + 1}) is not first
     assert shared_ssh_transport(**{**params, "key_passphrase": SecretStr("a")}) is not first
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_channel_buffer_hands_out_the_bytes_paramiko_s_own_would(seed):
+    """The chunk buffer on our channels reads exactly as paramiko's BufferedPipe: the same bytes
+    in the same order, for any mix of chunk and read sizes."""
+    import random
+
+    from paramiko.buffered_pipe import BufferedPipe
+
+    from mqi.transport.ssh import _ChunkPipe
+
+    rng = random.Random(seed)
+    ours, theirs = _ChunkPipe(), BufferedPipe()
+    for _ in range(300):
+        if rng.random() < 0.5:
+            chunk = rng.randbytes(rng.choice([0, 1, 7, 4096, 33000]))
+            ours.feed(chunk)
+            theirs.feed(chunk)
+        elif theirs.read_ready():
+            size = rng.choice([1, 5, 1000, 40000, 10**7])
+            assert ours.read(size, timeout=0.0) == theirs.read(size, timeout=0.0)
+        assert len(ours._buffer) == len(theirs._buffer) and ours.read_ready() == theirs.read_ready()
+
+
+def test_channel_buffer_gives_a_lone_chunk_without_copying_and_waits_like_paramiko():
+    from paramiko.buffered_pipe import PipeTimeout
+
+    from mqi.transport.ssh import _ChunkPipe
+
+    pipe = _ChunkPipe()
+    chunk = b"x" * 100_000
+    pipe.feed(chunk)
+    assert pipe.read(1 << 24) is chunk  # the point of it: no copy of a large packet
+    with pytest.raises(PipeTimeout):
+        pipe.read(10, timeout=0.05)
+    threading.Timer(0.05, pipe.feed, args=(b"late",)).start()
+    assert pipe.read(10, timeout=5) == b"late"  # a waiting read is woken by what arrives
+    pipe.close()
+    assert pipe.read(10) == b""  # closed and empty: the end of the stream

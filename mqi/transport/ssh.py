@@ -17,6 +17,7 @@ no signal, so it may run on. Work that must be stoppable runs under pueue.
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import random
 import shlex
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 import paramiko
+from paramiko.buffered_pipe import BufferedPipe
 from pydantic import SecretStr
 
 from mqi.transport._common import Deadline, command_timeout
@@ -165,6 +167,7 @@ class SshTransport(Transport):
             raise command_timeout(self.host, argv, deadline.timeout)
         try:
             channel = self._open_session(deadline)
+            channel.in_buffer = _ChunkPipe()  # before the command starts: nothing has arrived yet
             try:
                 channel.exec_command(command)
             except _CONNECTION_ERRORS as error:
@@ -482,6 +485,64 @@ class _ChannelReader:
             return self._channel.recv(CHANNEL_WINDOW)
         except socket.timeout:
             raise command_timeout(self._owner.host, self._argv, self._deadline.timeout) from None
+
+
+class _ChunkPipe(BufferedPipe):
+    """paramiko's buffer of what a channel received, keeping the data as the chunks it came in.
+
+    paramiko's own keeps a byte array: every byte is copied in, and twice out (a 200 MB
+    download spent 0.15 s of its 0.65 s there). Here a read of everything buffered hands a
+    lone chunk over as it is, and joins several once.
+    The locking and waiting stay paramiko's: only the storage (`_buffer`) is replaced."""
+
+    def __init__(self):
+        super().__init__()
+        self._buffer = _Chunks()
+
+    def _buffer_frombytes(self, data: bytes) -> None:
+        self._buffer.append(data)
+
+    def _buffer_tobytes(self, limit: int | None = None) -> bytes:
+        return self._buffer.front(limit)
+
+
+class _Chunks:
+    """A byte queue of whole chunks, with the part of the array protocol BufferedPipe uses:
+    `len`, and `del buffer[:n]` (or `[:]`) after a look at the first n bytes."""
+
+    def __init__(self):
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, data: bytes) -> None:
+        if data:
+            self._chunks.append(bytes(data))
+            self._size += len(data)
+
+    def front(self, limit: int | None) -> bytes:
+        """The first `limit` bytes (all if None), left in place."""
+        if limit is None or limit >= self._size:
+            return b"".join(self._chunks)  # a lone chunk is returned as it is, not copied
+        parts, wanted = [], limit
+        for chunk in self._chunks:
+            parts.append(chunk[:wanted])
+            wanted -= len(parts[-1])
+            if not wanted:
+                break
+        return b"".join(parts)
+
+    def __delitem__(self, span: slice) -> None:
+        count = self._size if span.stop is None else min(span.stop, self._size)
+        self._size -= count
+        while count:
+            chunk = self._chunks.popleft()
+            if len(chunk) > count:
+                self._chunks.appendleft(chunk[count:])
+                return
+            count -= len(chunk)
 
 
 def _fast_transport(sock, **kwargs) -> paramiko.Transport:
