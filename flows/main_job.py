@@ -63,6 +63,7 @@ class RunThread:
     flow: Flow
     thread: threading.Thread
     cancel_requested: bool = False
+    arrival_key: tuple | None = None  # a case found by the inbox scan: its place in the upload order
 
 
 class MainJob:
@@ -174,14 +175,15 @@ class MainJob:
         registered = casework.register_ready_folders(self.site, self.scanner, actor="scan-inbox")
         cases = casework.cases_to_start(self.site, running_case_ids())
         for case in cases:
-            self.start_new_run(process_case, {"case": str(case.id)}, flow_run_name(case))
+            self.start_new_run(process_case, {"case": str(case.id)}, flow_run_name(case),
+                               arrival_key=casework.arrival_key(case))
         if registered or cases:
             log.info("inbox: registered %d new case(s), started %d", registered, len(cases))
 
-    def start_new_run(self, flow: Flow, parameters: dict, name: str) -> None:
+    def start_new_run(self, flow: Flow, parameters: dict, name: str, arrival_key: tuple | None = None) -> None:
         flow_run = self.api.create_flow_run_from_deployment(self.deployment_of[flow.name], parameters=parameters,
                                                             name=name)
-        self.start(flow_run)
+        self.start(flow_run, arrival_key)
 
     def start_runs_from_elsewhere(self) -> None:
         """Runs of our deployments created by the UI, the API, reconcile or an automation."""
@@ -190,7 +192,9 @@ class MainJob:
             if flow_run.id not in self.runs:
                 self.start(flow_run)
 
-    def start(self, flow_run: FlowRun) -> None:
+    def start(self, flow_run: FlowRun, arrival_key: tuple | None = None) -> None:
+        """Run it in a thread of its own. `arrival_key`: cases started together upload in that
+        order, though their runs reach the upload gate in whatever order their threads get going."""
         flow = self.flows[flow_run.deployment_id]
         if flow is process_case and self.runs_of(process_case) >= self.case_run_limit:
             return  # stays scheduled; started when a case run ends
@@ -198,7 +202,9 @@ class MainJob:
             return  # cancelled or taken meanwhile
         thread = threading.Thread(target=self._execute, args=(flow, flow_run), name=f"run-{flow_run.name}",
                                   daemon=True)  # a case that does not stop in time does not hold the exit
-        self.runs[flow_run.id] = RunThread(flow_run, flow, thread)
+        self.runs[flow_run.id] = RunThread(flow_run, flow, thread, arrival_key=arrival_key)
+        if arrival_key is not None:
+            self.site.expected_arrivals.expect(arrival_key)
         thread.start()
 
     def _execute(self, flow: Flow, flow_run: FlowRun) -> None:
@@ -222,6 +228,8 @@ class MainJob:
         for run_id in ended:
             run = self.runs.pop(run_id)
             case_ended |= run.flow is process_case
+            if run.arrival_key is not None:  # ended without uploading (failed, resumed, stopped)
+                self.site.expected_arrivals.arrived(run.arrival_key)
             if run.cancel_requested:
                 self._set_state(run_id, Cancelled(message="cancelled from the UI"))
         return case_ended

@@ -1,6 +1,7 @@
 """Cases of one process upload, take GPU slots and reach pueue in the order they arrived.
 
-`ArrivalGate` lets one case at a time through (uploads to one host), the earliest first.
+`ArrivalGate` lets one case at a time through (uploads to one host), the earliest first,
+including earlier cases that were started and are still on their way (`ExpectedArrivals`).
 
 Cases whose upload is done stand in a line sorted by arrival. The one whose turn it is tries
 its groups once. With a slot, it keeps the turn until its task is submitted, so each group's
@@ -21,6 +22,12 @@ from mqi import stopping
 
 # How long a wait for the turn lasts before it looks whether the main job is stopping.
 STOP_CHECK_SECONDS = 0.5
+# How long a gate holds its turn for an earlier case that was started but has not reached a
+# gate yet. Case runs started together reach their gates up to a few hundred ms apart (the
+# flow engine's start varies); a case held up elsewhere (a host down) is not waited for longer.
+EXPECTED_GRACE_SECONDS = 2.0
+# How often a gate looks again while it waits for such a case (it may go to another host's gate).
+EXPECTED_CHECK_SECONDS = 0.05
 
 
 class ArrivalLine:
@@ -101,27 +108,55 @@ class ArrivalLine:
         return max(0.0, self._round_over_at + self.retry_seconds - self._clock())
 
 
+class ExpectedArrivals:
+    """Cases this process started that have not reached a gate yet, with when they started."""
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._since: dict = {}
+
+    def expect(self, key: Hashable) -> None:
+        with self._lock:
+            self._since.setdefault(key, self._clock())
+
+    def arrived(self, key: Hashable) -> None:
+        """At a gate, or its run ended before it reached one."""
+        with self._lock:
+            self._since.pop(key, None)
+
+    def seconds_to_wait_before(self, key: Hashable) -> float:
+        """How long an earlier case still on its way may keep `key` waiting (0: none)."""
+        with self._lock:
+            started = [since for earlier, since in self._since.items() if earlier < key]
+        if not started:
+            return 0.0
+        return max(0.0, min(started) + EXPECTED_GRACE_SECONDS - self._clock())
+
+
 class ArrivalGate:
-    """One case at a time, the earliest-arrived of those waiting first.
+    """One case at a time, the earliest-arrived of those waiting or on their way first.
 
     Uploads to one host go through it: over one link, uploads side by side share the bandwidth
     and all end late, so the first case's GPU waits for the last case's data; one at a time,
     the first case is ready after its own upload, and cases reach the GPU line in arrival order.
     """
 
-    def __init__(self):
+    def __init__(self, expected: ExpectedArrivals | None = None):
         self._changed = threading.Condition()
         self._waiting: list = []  # keys in arrival order
         self._busy = False
+        self._expected = expected or ExpectedArrivals()
 
     @contextmanager
     def turn(self, key: Hashable) -> Iterator[None]:
+        self._expected.arrived(key)
         with self._changed:
             insort(self._waiting, key)
             try:
-                while self._busy or self._waiting[0] != key:
+                while (pause := self._pause_before(key)) > 0:
                     stopping.check()
-                    self._changed.wait(STOP_CHECK_SECONDS)
+                    self._changed.wait(pause)
             finally:
                 self._waiting.remove(key)
                 self._changed.notify_all()
@@ -132,3 +167,9 @@ class ArrivalGate:
             with self._changed:
                 self._busy = False
                 self._changed.notify_all()
+
+    def _pause_before(self, key: Hashable) -> float:
+        """0 when `key` may go through now, else how long to wait before looking again."""
+        if self._busy or self._waiting[0] != key:
+            return STOP_CHECK_SECONDS  # woken at once when that changes
+        return min(EXPECTED_CHECK_SECONDS, self._expected.seconds_to_wait_before(key))

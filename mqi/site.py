@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from mqi.arrival_line import ArrivalGate
+from mqi.arrival_line import ArrivalGate, ExpectedArrivals
 from mqi.errors import ConfigError
 from mqi.gpu import GpuCache
 from mqi.host_health import HostHealth, record_host_ok, record_transport_error
@@ -51,6 +51,8 @@ class Site:
         self._statuses: dict[str, SharedStatus] = {}
         self._log_tails: dict[str, SharedLogTails] = {}
         self._upload_gates: dict[str, ArrivalGate] = {}
+        #: cases started in this process that have not reached an upload gate yet
+        self.expected_arrivals = ExpectedArrivals()
         self.gpu_cache = GpuCache(interval=settings.case.poll_seconds)
         #: called with a HostHealth when a host becomes reachable or unreachable
         self.host_listeners: list[Callable[[HostHealth], None]] = []
@@ -111,7 +113,7 @@ class Site:
     def upload_gate(self, host_name: str) -> ArrivalGate:
         """Uploads of this process to the host: one at a time, in arrival order."""
         with self._lock:
-            return self._upload_gates.setdefault(host_name, ArrivalGate())
+            return self._upload_gates.setdefault(host_name, ArrivalGate(self.expected_arrivals))
 
     def note_host_call(self, host_name: str, error: Exception | None) -> None:
         """Keep the host's health (reachable or not, and why) for placement and `mqi hosts`."""

@@ -6,7 +6,8 @@ import threading
 import time
 
 from mqi import stopping
-from mqi.arrival_line import ArrivalGate, ArrivalLine
+from mqi import arrival_line
+from mqi.arrival_line import ArrivalGate, ArrivalLine, ExpectedArrivals
 from tests.support.cases import wait_for
 
 
@@ -130,3 +131,44 @@ def test_a_case_stopped_or_failing_at_the_gate_does_not_block_it():
         done.append(4)
 
     assert done == ["stopped", 4]
+
+
+def test_a_case_started_earlier_goes_first_though_a_later_one_reaches_the_gate_before_it():
+    """Case runs started together reach the gate in whatever order their threads get going;
+    the gate keeps the turn for the earlier one."""
+    expected = ExpectedArrivals()
+    gate, through = ArrivalGate(expected), []
+    expected.expect(1)
+    expected.expect(2)
+
+    def upload(key):
+        with gate.turn(key):
+            through.append(key)
+
+    later = threading.Thread(target=upload, args=(2,))
+    later.start()
+    time.sleep(0.3)  # case 2 is at the gate, which is free, and still waits for case 1
+    assert through == []
+    upload(1)
+    later.join(5)
+
+    assert through == [1, 2]
+
+
+def test_an_earlier_case_that_never_comes_holds_the_gate_only_for_the_grace(monkeypatch):
+    monkeypatch.setattr(arrival_line, "EXPECTED_GRACE_SECONDS", 0.4)
+    expected = ExpectedArrivals()
+    gate = ArrivalGate(expected)
+    expected.expect(1)  # say its host is down: it waits for a placement, not at this gate
+    started = time.monotonic()
+    with gate.turn(2):
+        waited = time.monotonic() - started
+    assert 0.3 <= waited < 2
+
+    expected = ExpectedArrivals()
+    gate = ArrivalGate(expected)
+    expected.expect(3)
+    expected.arrived(3)  # its run ended before any upload (failed, or resumed past it)
+    started = time.monotonic()
+    with gate.turn(4):
+        assert time.monotonic() - started < 0.3

@@ -196,6 +196,35 @@ def test_stopping_the_job_leaves_cases_to_resume_with_the_same_task(tmp_path, ma
     assert (tmp_path / "results" / "case-a" / "dose.dcm").exists()
 
 
+def test_cases_the_scan_starts_are_expected_at_the_upload_gate_in_arrival_order(tmp_path, main_job):
+    """Runs started together reach the gate in any order; the gate waits for the earlier ones
+    only if the job told it which cases are on their way (tests/test_arrival_line.py)."""
+    from mqi import casework
+    from mqi.arrival_line import ExpectedArrivals
+
+    class Recorded(ExpectedArrivals):
+        def expect(self, key):
+            expected.append(key)
+            super().expect(key)
+
+    expected = []
+    settings = settings_for(tmp_path, [local_host(tmp_path)], command=OUTPUT)
+    settings.inbox.path.mkdir(parents=True)
+    site = start(settings)
+    site.expected_arrivals = book = Recorded()  # before the first upload creates the gate
+    folders = [make_case(tmp_path / "staging", f"case-{n}") for n in range(3)]
+    for folder in folders:
+        folder.rename(settings.inbox.path / folder.name)
+    main_job(site)
+    for folder in folders:
+        wait_for(lambda: case_state(site, settings.inbox.path / folder.name) is CaseState.COMPLETED, timeout=90,
+                 what=f"{folder.name} to complete")
+
+    cases = [site.ledger.find_case(str(settings.inbox.path / folder.name)) for folder in folders]
+    assert sorted(expected) == sorted(casework.arrival_key(case) for case in cases)
+    assert book.seconds_to_wait_before((cases[-1].created_at, cases[-1].id + 1)) == 0 and not book._since
+
+
 def test_a_run_started_through_the_api_is_carried_by_the_job(tmp_path, main_job):
     from prefect.deployments import run_deployment
 
