@@ -39,6 +39,7 @@ from flows.scan_inbox import scan_inbox
 from mqi import casework, stopping
 from mqi.inbox import InboxScanner
 from mqi.job_answers import JobAnswers
+from mqi.ledger.store import CaseNotFound
 from mqi.settings_inputs import SettingsInputs
 from mqi.site import Site
 from tasks.launch import flow_run_name, running_case_ids
@@ -63,7 +64,7 @@ class RunThread:
     flow: Flow
     thread: threading.Thread
     cancel_requested: bool = False
-    arrival_key: tuple | None = None  # a case found by the inbox scan: its place in the upload order
+    arrival_key: tuple | None = None  # a case run: its case's place in the upload order
 
 
 class MainJob:
@@ -85,8 +86,9 @@ class MainJob:
 
     @property
     def api(self) -> SyncPrefectClient:
-        """The loop's Prefect client, one for the job's life: a client per call cost 15 ms of TLS
-        set-up and a new connection to the server, several times a second."""
+        """The loop's Prefect client, kept between calls: a client per call cost 15 ms of TLS
+        set-up and a new connection to the server, several times a second. Replaced after a
+        failed call (`close_api`)."""
         if self._api is None:
             self._api = get_client(sync_client=True)
             self._api.__enter__()
@@ -126,6 +128,7 @@ class MainJob:
                 self.cancel_runs_the_ui_cancelled()
             except Exception as exc:  # the server or the ledger briefly away: the next round retries
                 log.warning("main job: %s; trying again", exc)
+                self.close_api()  # a client that reached the server retries a lost one for a minute
             self.wake.wait(QUERY_SECONDS)
             self.wake.clear()
 
@@ -173,17 +176,16 @@ class MainJob:
 
     def scan_inbox(self) -> None:
         registered = casework.register_ready_folders(self.site, self.scanner, actor="scan-inbox")
-        cases = casework.cases_to_start(self.site, running_case_ids())
+        cases = casework.cases_to_start(self.site, running_case_ids(self.api))
         for case in cases:
-            self.start_new_run(process_case, {"case": str(case.id)}, flow_run_name(case),
-                               arrival_key=casework.arrival_key(case))
+            self.start_new_run(process_case, {"case": str(case.id)}, flow_run_name(case))
         if registered or cases:
             log.info("inbox: registered %d new case(s), started %d", registered, len(cases))
 
-    def start_new_run(self, flow: Flow, parameters: dict, name: str, arrival_key: tuple | None = None) -> None:
+    def start_new_run(self, flow: Flow, parameters: dict, name: str) -> None:
         flow_run = self.api.create_flow_run_from_deployment(self.deployment_of[flow.name], parameters=parameters,
                                                             name=name)
-        self.start(flow_run, arrival_key)
+        self.start(flow_run)
 
     def start_runs_from_elsewhere(self) -> None:
         """Runs of our deployments created by the UI, the API, reconcile or an automation."""
@@ -192,12 +194,12 @@ class MainJob:
             if flow_run.id not in self.runs:
                 self.start(flow_run)
 
-    def start(self, flow_run: FlowRun, arrival_key: tuple | None = None) -> None:
-        """Run it in a thread of its own. `arrival_key`: cases started together upload in that
-        order, though their runs reach the upload gate in whatever order their threads get going."""
+    def start(self, flow_run: FlowRun) -> None:
+        """Run it in a thread of its own."""
         flow = self.flows[flow_run.deployment_id]
         if flow is process_case and self.runs_of(process_case) >= self.case_run_limit:
             return  # stays scheduled; started when a case run ends
+        arrival_key = self._arrival_key(flow_run) if flow is process_case else None  # a ledger away: stays scheduled
         if self.api.set_flow_run_state(flow_run.id, Pending()).status is not SetStateStatus.ACCEPT:
             return  # cancelled or taken meanwhile
         thread = threading.Thread(target=self._execute, args=(flow, flow_run), name=f"run-{flow_run.name}",
@@ -206,6 +208,14 @@ class MainJob:
         if arrival_key is not None:
             self.site.expected_arrivals.expect(arrival_key)
         thread.start()
+
+    def _arrival_key(self, flow_run: FlowRun) -> tuple | None:
+        """The case's place in the upload order, told to the upload gates before its run starts:
+        runs started together reach the gates in whatever order their threads get going."""
+        try:
+            return casework.arrival_key(self.site.ledger.find_case(str(flow_run.parameters.get("case", ""))))
+        except CaseNotFound:  # a folder not registered yet: its run registers it
+            return None
 
     def _execute(self, flow: Flow, flow_run: FlowRun) -> None:
         stopping.stop_this_thread_with(self._stopping)
@@ -257,6 +267,7 @@ class MainJob:
         """Cases leave their waits; those still busy after the grace are marked crashed. Their
         claims die with this process, so the next start resumes them (never a second task)."""
         self._stopping.set()
+        self.close_api()  # the last state changes fail fast if the server is gone (see _set_state)
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         for run in list(self.runs.values()):
             run.thread.join(max(0.0, deadline - time.monotonic()))
@@ -269,3 +280,4 @@ class MainJob:
             self.api.set_flow_run_state(run_id, state, force=True)
         except Exception as exc:  # the server may be stopping too: the run is reconciled later
             log.warning("could not mark flow run %s %s: %s", run_id, state.name, exc)
+            self.close_api()  # a new client does not retry a server it never reached

@@ -126,12 +126,13 @@ class ExpectedArrivals:
             self._since.pop(key, None)
 
     def seconds_to_wait_before(self, key: Hashable) -> float:
-        """How long an earlier case still on its way may keep `key` waiting (0: none)."""
+        """How long earlier cases still on their way may keep `key` waiting (0: none). Each is
+        waited for until its own grace ends: one held up for hours does not end the others'."""
         with self._lock:
             started = [since for earlier, since in self._since.items() if earlier < key]
         if not started:
             return 0.0
-        return max(0.0, min(started) + EXPECTED_GRACE_SECONDS - self._clock())
+        return max(0.0, max(started) + EXPECTED_GRACE_SECONDS - self._clock())
 
 
 class ArrivalGate:

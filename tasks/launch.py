@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from datetime import UTC, datetime, timedelta
 
 from prefect import get_client
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import (
     FlowFilter,
     FlowFilterName,
@@ -27,12 +29,13 @@ NOT_CLAIMED_YET = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
 CLAIM_GRACE = timedelta(minutes=2)
 
 
-def running_case_ids() -> set[int]:
-    """Cases held by a live process, plus cases whose run is created but has not claimed them yet."""
+def running_case_ids(client: SyncPrefectClient | None = None) -> set[int]:
+    """Cases held by a live process, plus cases whose run is created but has not claimed them yet.
+    `client`: one the caller keeps open (the main job's), else one for this call."""
     site = get_site()
     ids = claimed_case_ids(site.settings.state_dir)
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(
+    with nullcontext(client) if client is not None else get_client(sync_client=True) as api:
+        runs = api.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=["process-case"])),
             flow_run_filter=FlowRunFilter(
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=NOT_CLAIMED_YET))

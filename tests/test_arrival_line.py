@@ -172,3 +172,15 @@ def test_an_earlier_case_that_never_comes_holds_the_gate_only_for_the_grace(monk
     started = time.monotonic()
     with gate.turn(4):
         assert time.monotonic() - started < 0.3
+
+
+def test_each_earlier_case_on_its_way_is_waited_for_until_its_own_grace_ends():
+    now = [0.0]
+    expected = ExpectedArrivals(clock=lambda: now[0])
+    expected.expect(1)  # started long ago and held up elsewhere (its host is down)
+    now[0] = 100.0
+    expected.expect(2)  # started just now, with case 3
+    now[0] = 100.5
+    assert expected.seconds_to_wait_before(3) == arrival_line.EXPECTED_GRACE_SECONDS - 0.5
+    assert expected.seconds_to_wait_before(2) == 0  # only case 1 is earlier, and its grace is over
+    assert expected.seconds_to_wait_before(1) == 0

@@ -196,33 +196,69 @@ def test_stopping_the_job_leaves_cases_to_resume_with_the_same_task(tmp_path, ma
     assert (tmp_path / "results" / "case-a" / "dose.dcm").exists()
 
 
-def test_cases_the_scan_starts_are_expected_at_the_upload_gate_in_arrival_order(tmp_path, main_job):
-    """Runs started together reach the gate in any order; the gate waits for the earlier ones
-    only if the job told it which cases are on their way (tests/test_arrival_line.py)."""
-    from mqi import casework
+def test_cases_started_together_upload_in_arrival_order_though_the_first_is_slow_to_get_there(
+        tmp_path, main_job, monkeypatch):
+    """Runs started together reach the upload gate in whatever order their threads get going;
+    the gate keeps the turn for an earlier case the job started (tests/test_arrival_line.py)."""
+    from mqi import arrival_line, casework
     from mqi.arrival_line import ExpectedArrivals
 
     class Recorded(ExpectedArrivals):
-        def expect(self, key):
-            expected.append(key)
-            super().expect(key)
+        def arrived(self, key):
+            arrivals.setdefault(key, time.time())  # the first: at the gate, or when its run ended
+            super().arrived(key)
 
-    expected = []
-    settings = settings_for(tmp_path, [local_host(tmp_path)], command=OUTPUT)
+    def slow_for_the_first(site, case, host, group):
+        if case.name == "case-0":
+            time.sleep(1.5)  # the others reach the gate first
+        return place(site, case, host, group)
+
+    arrivals = {}
+    place = casework.wait_for_placement
+    monkeypatch.setattr(casework, "wait_for_placement", slow_for_the_first)
+    monkeypatch.setattr(arrival_line, "EXPECTED_GRACE_SECONDS", 60.0)  # however slow this machine is
+    settings = settings_for(tmp_path, [local_host(tmp_path, groups=({"name": "gpu0", "slots": 3},))], command=OUTPUT)
     settings.inbox.path.mkdir(parents=True)
     site = start(settings)
-    site.expected_arrivals = book = Recorded()  # before the first upload creates the gate
-    folders = [make_case(tmp_path / "staging", f"case-{n}") for n in range(3)]
-    for folder in folders:
-        folder.rename(settings.inbox.path / folder.name)
+    site.expected_arrivals = Recorded()  # before the first upload creates the gate
+    for number in range(3):
+        staged = make_case(tmp_path / "staging", f"case-{number}")
+        staged.rename(settings.inbox.path / staged.name)
     main_job(site)
+    folders = [settings.inbox.path / f"case-{number}" for number in range(3)]
     for folder in folders:
-        wait_for(lambda: case_state(site, settings.inbox.path / folder.name) is CaseState.COMPLETED, timeout=90,
-                 what=f"{folder.name} to complete")
+        wait_for(lambda: case_state(site, folder) is CaseState.COMPLETED, timeout=90, what=f"{folder.name} to complete")
 
-    cases = [site.ledger.find_case(str(settings.inbox.path / folder.name)) for folder in folders]
-    assert sorted(expected) == sorted(casework.arrival_key(case) for case in cases)
-    assert book.seconds_to_wait_before((cases[-1].created_at, cases[-1].id + 1)) == 0 and not book._since
+    cases = sorted((site.ledger.find_case(str(folder)) for folder in folders), key=casework.arrival_key)
+    assert cases[0].name == "case-0"  # the slow one is the earliest
+    uploading = {case.name: next(e.at for e in site.ledger.events(case.id) if e.to_state is CaseState.UPLOADING)
+                 for case in cases}
+    assert sorted(uploading, key=uploading.get) == [case.name for case in cases]
+    for case in cases:  # each was expected, and reached the gate before its upload began
+        assert arrivals[casework.arrival_key(case)] <= uploading[case.name].timestamp()
+    assert not site.expected_arrivals._since
+
+
+def test_the_job_replaces_its_prefect_client_after_a_failed_call(tmp_path, prefect_server):
+    """The loop keeps one client, but not one that failed: once it has reached the server,
+    Prefect's client retries a lost server for about a minute on every call."""
+    from uuid import uuid4
+
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.states import Crashed
+
+    from flows.main_job import MainJob
+
+    job = MainJob(start(settings_for(tmp_path, [local_host(tmp_path)], command=OUTPUT)))
+    kept = job.api
+    assert job.api is kept  # one client between calls
+    job._api = SyncPrefectClient("http://127.0.0.1:9/api")  # nothing listens there: as a server gone
+    job._api.__enter__()
+    job._set_state(uuid4(), Crashed())  # logged, not raised
+    assert job._api is None
+    assert job.api.hello().status_code == 200  # a new client, to the server that is there
+    job.close_api()
+    kept.__exit__(None, None, None)
 
 
 def test_a_run_started_through_the_api_is_carried_by_the_job(tmp_path, main_job):

@@ -237,15 +237,27 @@ def test_channel_buffer_hands_out_the_bytes_paramiko_s_own_would(seed):
 
     rng = random.Random(seed)
     ours, theirs = _ChunkPipe(), BufferedPipe()
+    ours_ready, theirs_ready = threading.Event(), threading.Event()  # what select() on the channel sees
+    ours.set_event(ours_ready)
+    theirs.set_event(theirs_ready)
     for _ in range(300):
-        if rng.random() < 0.5:
+        action = rng.random()
+        if action < 0.5:
             chunk = rng.randbytes(rng.choice([0, 1, 7, 4096, 33000]))
             ours.feed(chunk)
             theirs.feed(chunk)
-        elif theirs.read_ready():
+        elif action < 0.95 and theirs.read_ready():
             size = rng.choice([1, 5, 1000, 40000, 10**7])
             assert ours.read(size, timeout=0.0) == theirs.read(size, timeout=0.0)
+        elif action >= 0.95:
+            assert ours.empty() == theirs.empty()
         assert len(ours._buffer) == len(theirs._buffer) and ours.read_ready() == theirs.read_ready()
+        assert ours_ready.is_set() == theirs_ready.is_set()
+    ours.close()
+    theirs.close()  # the end of the stream with data still buffered: it is all read, then b""
+    while (expected := theirs.read(3000)) != b"":
+        assert ours.read(3000) == expected
+    assert ours.read(3000) == b""
 
 
 def test_channel_buffer_gives_a_lone_chunk_without_copying_and_waits_like_paramiko():
