@@ -53,6 +53,7 @@ class TransferBench:
         """Seconds `action` takes to make a copy at a fresh path; the copy is removed after,
         untimed, so that no run pays for the writeback of an earlier run's data."""
         path = self.copy_path(label)
+        shutil.rmtree(path, ignore_errors=True)  # left by an interrupted run: scp -r would copy into it
         started = time.perf_counter()
         action(path)
         seconds = time.perf_counter() - started
