@@ -261,6 +261,45 @@ def test_the_job_replaces_its_prefect_client_after_a_failed_call(tmp_path, prefe
     kept.__exit__(None, None, None)
 
 
+def test_the_job_s_client_tries_a_busy_server_again_at_once_not_after_prefect_s_back_off():
+    """A Prefect server on SQLite answers a colliding write with 503; Prefect's client would
+    wait 2 s before its next try, the job's waits BUSY_RETRY_SECONDS."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prefect.client.orchestration import SyncPrefectClient
+
+    from flows.main_job import BUSY_RETRY_SECONDS, JOB_CLIENT_SETTINGS
+
+    answers = []
+
+    class BusyOnce(BaseHTTPRequestHandler):
+        def do_GET(self):
+            status = 503 if not answers else 200
+            answers.append(status)
+            body = b'"busy"' if status == 503 else b'"hello"'
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BusyOnce)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with SyncPrefectClient(f"http://127.0.0.1:{server.server_port}/api",
+                               httpx_settings=JOB_CLIENT_SETTINGS) as client:
+            started = time.monotonic()
+            response = client._client.get("/hello")
+            took = time.monotonic() - started
+    finally:
+        server.shutdown()
+    assert answers == [503, 200] and response.json() == "hello"
+    assert took < BUSY_RETRY_SECONDS + 0.9  # Prefect's own back-off is 2 s or more
+
+
 def test_a_run_started_through_the_api_is_carried_by_the_job(tmp_path, main_job):
     from prefect.deployments import run_deployment
 
