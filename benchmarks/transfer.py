@@ -46,13 +46,10 @@ class TransferBench:
         self.transport = SshTransport(**self.server.transport_params("bench-transfer"))
         self.transport.run(["true"], timeout=30).check()  # open the shared connection once
 
-    def copy_path(self, label: str) -> Path:
-        return self.scratch / label
-
     def timed(self, action: Callable[[Path], None], label: str) -> float:
         """Seconds `action` takes to make a copy at a fresh path; the copy is removed after,
         untimed, so that no run pays for the writeback of an earlier run's data."""
-        path = self.copy_path(label)
+        path = self.scratch / label
         shutil.rmtree(path, ignore_errors=True)  # left by an interrupted run: scp -r would copy into it
         started = time.perf_counter()
         action(path)
@@ -114,7 +111,8 @@ def run(lab: Lab, *, repeat: int = 5, big_mb: int = 200, small_count: int = 2000
         cipher = bench.transport._client.get_transport().remote_cipher
         notes = [
             f"Median of {repeat} runs each way, ours and scp taking turns, to a private sshd on 127.0.0.1; "
-            f"the copies land on the same disk and each is deleted (untimed) before the next run. Our cipher: {cipher}; connections we opened for all {4 * repeat} transfers: "
+            "the copies land on the same disk and each is deleted (untimed) before the next run. "
+            f"Our cipher: {cipher}; connections we opened for all {4 * repeat} transfers: "
             f"{bench.transport.connections_opened}.",
             f"scp opens a new connection for each copy: `ssh host true` takes {bench.connection_cost():.2f} s, "
             "included in every scp figure. Ours verifies a sha256 manifest at both ends; scp checks nothing "

@@ -61,14 +61,14 @@ CASE_RUNS_PER_SLOT = 2
 # ("database is locked"), and Prefect's client waits 2 s before it tries again: measured, one
 # case start in three took 2.4 s instead of 0.02 s when the previous case's run was finishing.
 # The collision is over within milliseconds, so the job's client tries again after this.
-BUSY_RETRY_SECONDS = 0.1
+BUSY_RETRY_AFTER_SECONDS = 0.1
 
 
 def retry_soon_when_busy(response: httpx.Response) -> None:
     """An httpx response hook: a 503 without Retry-After gets a short one, which Prefect's
     client honours instead of its back-off (tasks/publish.py does the same for slot leases)."""
     if response.status_code == 503 and "Retry-After" not in response.headers:
-        response.headers["Retry-After"] = str(BUSY_RETRY_SECONDS)
+        response.headers["Retry-After"] = str(BUSY_RETRY_AFTER_SECONDS)
 
 
 JOB_CLIENT_SETTINGS = {"event_hooks": {"response": [retry_soon_when_busy]}}

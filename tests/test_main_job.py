@@ -263,12 +263,12 @@ def test_the_job_replaces_its_prefect_client_after_a_failed_call(tmp_path, prefe
 
 def test_the_job_s_client_tries_a_busy_server_again_at_once_not_after_prefect_s_back_off():
     """A Prefect server on SQLite answers a colliding write with 503; Prefect's client would
-    wait 2 s before its next try, the job's waits BUSY_RETRY_SECONDS."""
+    wait 2 s before its next try, the job's waits BUSY_RETRY_AFTER_SECONDS."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from prefect.client.orchestration import SyncPrefectClient
 
-    from flows.main_job import BUSY_RETRY_SECONDS, JOB_CLIENT_SETTINGS
+    from flows.main_job import BUSY_RETRY_AFTER_SECONDS, JOB_CLIENT_SETTINGS
 
     answers = []
 
@@ -297,7 +297,7 @@ def test_the_job_s_client_tries_a_busy_server_again_at_once_not_after_prefect_s_
     finally:
         server.shutdown()
     assert answers == [503, 200] and response.json() == "hello"
-    assert took < BUSY_RETRY_SECONDS + 0.9  # Prefect's own back-off is 2 s or more
+    assert took < BUSY_RETRY_AFTER_SECONDS + 0.9  # Prefect's own back-off is 2 s or more
 
 
 def test_a_run_started_through_the_api_is_carried_by_the_job(tmp_path, main_job):
