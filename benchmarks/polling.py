@@ -70,9 +70,10 @@ def process(site: Site, folder: Path) -> CaseState:
     case, _ = site.ledger.register_case(folder, actor=ACTOR)
     placement = casework.choose_placement(site, case)
     casework.upload(site, case, placement, ACTOR)
-    attempt = casework.submit(site, case, placement, ACTOR)
-    outcome = casework.wait_for(site, case, attempt, ACTOR)
-    return casework.record_outcome(site, case, attempt, outcome, ACTOR).state
+    attempt = casework.admit_and_submit(site, case, [placement], ACTOR)
+    casework.wait_for(site, case, attempt, ACTOR)
+    casework.fetch_results(site, case, site.ledger.live_attempt(case.id), ACTOR)
+    return site.ledger.get_case(case.id).state
 
 
 def all_running(site: Site, cases: int) -> bool:

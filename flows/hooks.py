@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mqi import casework
 from mqi.ledger.states import FINISHED_STATES
+from mqi.ledger.store import CaseFinished
 from mqi.runtime import get_site
 
 # What Prefect's runner says when it cancels its runs because it is being stopped.
@@ -20,4 +21,7 @@ def cancel_remote_task(flow, flow_run, state) -> None:
     case = site.ledger.find_case(ref) if ref else None
     if case is None or case.state in FINISHED_STATES:
         return
-    casework.cancel(site, case, actor, "flow run cancelled")
+    try:
+        casework.cancel(site, case, actor, "flow run cancelled")
+    except CaseFinished:
+        pass  # it finished meanwhile: nothing left to cancel

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from uuid import UUID
 
-import httpx
 import watchfiles
-from prefect import Flow, get_client
+from prefect import Flow
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -44,6 +43,7 @@ from mqi.ledger.store import CaseNotFound
 from mqi.settings_inputs import SettingsInputs
 from mqi.site import Site
 from tasks.launch import flow_run_name, running_case_ids
+from tasks.publish import prompt_client
 
 log = logging.getLogger(__name__)
 
@@ -57,23 +57,6 @@ INBOX_DEBOUNCE_MS = 200
 STOP_GRACE_SECONDS = 10.0
 # Runs of process-case at once: one holding each slot plus one waiting for it.
 CASE_RUNS_PER_SLOT = 2
-# A Prefect server on SQLite answers a write that collides with another one with 503
-# ("database is locked"), and Prefect's client waits 2 s before it tries again: measured, one
-# case start in three took 2.4 s instead of 0.02 s when the previous case's run was finishing.
-# The collision is over within milliseconds, so the job's client tries again after this.
-BUSY_RETRY_AFTER_SECONDS = 0.1
-
-
-def retry_soon_when_busy(response: httpx.Response) -> None:
-    """An httpx response hook: a 503 without Retry-After gets a short one, which Prefect's
-    client honours instead of its back-off (tasks/publish.py does the same for slot leases)."""
-    if response.status_code == 503 and "Retry-After" not in response.headers:
-        response.headers["Retry-After"] = str(BUSY_RETRY_AFTER_SECONDS)
-
-
-JOB_CLIENT_SETTINGS = {"event_hooks": {"response": [retry_soon_when_busy]}}
-
-
 @dataclass
 class RunThread:
     flow_run: FlowRun
@@ -106,7 +89,7 @@ class MainJob:
         set-up and a new connection to the server, several times a second. Replaced after a
         failed call (`close_api`)."""
         if self._api is None:
-            self._api = get_client(sync_client=True, httpx_settings=JOB_CLIENT_SETTINGS)
+            self._api = prompt_client()
             self._api.__enter__()
         return self._api
 

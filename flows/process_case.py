@@ -6,21 +6,21 @@ from prefect import flow
 
 from flows.hooks import cancel_remote_task
 from mqi.claims import CaseBusy
-from mqi.ledger.records import Case
-from mqi.ledger.states import FINISHED_STATES, CaseState
+from mqi.ledger.states import FINISHED_STATES
+from mqi.resume import CaseRun, Step, close_ended_attempt
+from mqi.runtime import get_site
 from tasks.case_steps import (
+    actor,
+    admit_case,
     claim_case,
-    choose_placement,
-    live_attempt,
-    placement_of,
-    slot_candidates,
-    record_outcome,
+    fetch_results,
+    kill_task,
     register_case,
     submit_case,
     upload_case,
     wait_until_done,
 )
-from tasks.publish import gpu_slot, publish_outcome
+from tasks.publish import publish_outcome
 
 
 @flow(name="process-case", on_cancellation=[cancel_remote_task])
@@ -31,26 +31,29 @@ def process_case(case: str, host: str | None = None, group: str | None = None) -
         return record.state.value  # a rerun is `mqi retry`, a new attempt
     try:
         with claim_case(record):  # one live run per case; the claim dies with the process
-            state = run_case(record, host, group)
-            while state == CaseState.PENDING:  # the retry policy sent it back: a new attempt
-                state = run_case(record, host, group)
-            return state
+            run = CaseRun(get_site(), record.id, host, group)
+            while (step := run.next_step()) is not Step.DONE:  # mqi/resume.py: the one table
+                take_step(run, step)
     except CaseBusy:
         return "busy"  # another live run has it: nothing to do here
-
-
-def run_case(record: Case, host: str | None, group: str | None) -> str:
-    attempt = live_attempt(record)  # a live attempt is resumed: never a second remote task
-    if attempt is None:
-        placement = choose_placement(record, host, group)
-        if not upload_case(record, placement):  # before taking the slot: the GPU never waits for us
-            return publish_outcome(record)  # the folder itself is unusable: failed, never retried
-        candidates = slot_candidates(record, placement, group)  # any free group on that host
-    else:
-        candidates = [placement_of(attempt)]
-    with gpu_slot(record, candidates) as slot:  # from submission until the task is finished or killed
-        attempt = submit_case(record, slot.placement, attempt)
-        slot.let_next_case_in()  # cases reach pueue in the order they arrived
-        outcome = wait_until_done(record, attempt)
-    record_outcome(record, attempt, outcome)  # downloads after giving the slot back
     return publish_outcome(record)  # a summary in the UI; the state the case is in now
+
+
+def take_step(run: CaseRun, step: Step) -> None:
+    """The story of a case: sent to a host, admitted to a GPU slot, its task added, waited
+    for, and its results fetched; or its task killed (a cancel, a timeout)."""
+    case, attempt = run.case, run.attempt
+    if step is Step.UPLOAD:  # before taking a slot: the GPU never waits for our upload
+        run.uploaded_to = upload_case(case, run.host, run.group)
+    elif step is Step.ADMIT:
+        admit_case(case, run.uploaded_to, run.group)
+    elif step is Step.SUBMIT:
+        submit_case(case, attempt)
+    elif step is Step.WAIT:
+        wait_until_done(case, attempt)
+    elif step is Step.KILL:
+        kill_task(case, attempt)
+    elif step is Step.FETCH:
+        fetch_results(case, attempt)
+    elif step is Step.CLOSE:
+        close_ended_attempt(run.site, case, actor())

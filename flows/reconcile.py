@@ -5,13 +5,12 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from mqi import casework, claims
+from mqi import casework
 from mqi.host_report import artifact_rows, host_reports
-from mqi.ledger.states import AttemptResult, CaseState
 from mqi.runtime import get_site
 from mqi.transport.base import TransportError
 from tasks.launch import launch_cases, running_case_ids
-from tasks.publish import held_slots, release_orphaned_lease
+from tasks import publish
 
 
 @task(name="adopt-unknown-tasks")
@@ -27,50 +26,35 @@ def adopt_unknown_tasks() -> list[str]:
     return notes
 
 
-@task(name="retry-unconfirmed-kills")
-def retry_unconfirmed_kills() -> list[str]:
+@task(name="kill-stray-tasks")
+def kill_stray_tasks() -> list[str]:
+    """Our tasks still in a queue whose attempts have ended (added as a cancel came, by a run
+    that then died): killed, so that a cancelled case never runs on a GPU."""
     site = get_site()
     notes = []
-    for case in site.ledger.cases_in_states([CaseState.KILLING]):
-        attempt = site.ledger.live_attempt(case.id)
-        if attempt is not None and case.id not in running_case_ids():
-            confirmed = casework.kill(site, case, attempt, AttemptResult.TIMEOUT, "kill retried by reconcile",
-                                      "reconcile")
-            notes.append(f"case {case.name}: kill {'confirmed' if confirmed else 'still not confirmed'}")
+    for host in site.settings.hosts:
+        try:
+            notes += casework.kill_stray_tasks(site, host.name)
+        except TransportError as exc:
+            notes.append(f"host {host.name}: not checked for stray tasks: {exc}")
     return notes
 
 
 @task(name="resume-orphaned-cases")
 def resume_orphaned_cases() -> list[str]:
-    """Cases whose process-case run died (crash, reboot) get a new run that resumes them."""
+    """Cases whose process-case run died (crash, reboot) get a new run that resumes them,
+    including an unconfirmed kill (the new run kills and confirms)."""
     site = get_site()
-    orphans = [c for c in casework.orphaned_cases(site, running_case_ids()) if c.state is not CaseState.KILLING]
+    orphans = casework.orphaned_cases(site, running_case_ids())
     launch_cases(orphans)
     return [f"case {c.name}: resumed from {c.state.value}" for c in orphans]
 
 
-@task(name="release-orphaned-slots")
-def release_orphaned_slots() -> list[str]:
-    """GPU slots recorded by processes that died are given back at once."""
-    state_dir = get_site().settings.state_dir
-    notes = []
-    for case_id in claims.orphaned_leases(state_dir):
-        if release_orphaned_lease(state_dir, case_id):
-            notes.append(f"case {case_id}: released the GPU slot of its dead flow run")
-    return notes
-
-
-@task(name="report-held-slots")
-def report_held_slots() -> list[str]:
-    """GPU slots held in Prefect beyond the live attempts the ledger knows of."""
-    site = get_site()
-    live = casework.live_attempts_per_group(site)
-    notes = []
-    for (host, group), held in held_slots(site.settings).items():
-        if held > live.get((host, group), 0):
-            notes.append(f"{host}/{group}: {held} slot(s) held, {live.get((host, group), 0)} live case(s); "
-                         "a dead holder's lease runs out by itself")
-    return notes
+@task(name="repair-gpu-limits")
+def repair_gpu_limits() -> list[str]:
+    """Prefect's GPU limits made what the ledger says (a server restart loses leases, a dead
+    holder leaves slots counted): at most one reconcile interval of GPU time is lost."""
+    return publish.repair_gpu_limits(get_site())
 
 
 @task(name="report-hosts")
@@ -83,9 +67,9 @@ def report_hosts() -> list[str]:
 
 @flow(name="reconcile")
 def reconcile() -> list[str]:
-    """Adopt lost task ids, retry kills, resume orphaned cases, report stray GPU slots."""
-    notes = (adopt_unknown_tasks() + release_orphaned_slots() + retry_unconfirmed_kills() + resume_orphaned_cases()
-             + report_held_slots() + report_hosts())
+    """Adopt lost task ids, kill stray tasks, resume orphaned cases, repair the GPU limits."""
+    notes = (adopt_unknown_tasks() + kill_stray_tasks() + resume_orphaned_cases() + repair_gpu_limits()
+             + report_hosts())
     for note in notes:
         get_run_logger().info(note)
     if notes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -20,11 +21,12 @@ from mqi.host_health import host_health, reachable_hosts
 from mqi.inbox import InboxScanner
 from mqi.faults import fault_point
 from mqi.ledger.records import Attempt, Case
-from mqi.ledger.store import folder_key
+from mqi.ledger.engine import LedgerError
+from mqi.ledger.store import CaseMovedOn, folder_key
 from mqi.ledger.states import ACTIVE_STATES, AttemptResult, CaseState, FailureCategory
 from mqi.queue.base import QueueError, SubmitRequest, TaskInfo, TaskResult, TaskState
 from mqi.site import Placement, Site
-from mqi.stopping import pause
+from mqi.stopping import pause, watching
 from mqi.transport.base import TransportError
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ def choose_placement(site: Site, case: Case, host: str | None = None, group: str
         reasons = sorted({f"{p.host.name}: {host_health(site.settings.state_dir, p.host.name).reason or 'GPUs busy'}"
                           for p in configured})
         raise NoPlacement(f"no usable group for case {case.name} now ({'; '.join(reasons)})")
-    busy = live_attempts_per_group(site)
+    busy = site.ledger.slot_holders()
     return min(usable, key=lambda p: busy.get((p.host.name, p.group.name), 0) / p.group.slots)
 
 
@@ -81,7 +83,7 @@ def slot_candidates(site: Site, case: Case, chosen: Placement, group: str | None
     group = group or case.pinned_group
     if group is not None:
         return [chosen]
-    busy = live_attempts_per_group(site)
+    busy = site.ledger.slot_holders()
     others = [site.placement(chosen.host.name, g.name) for g in chosen.host.groups if g.name != chosen.group.name]
     others.sort(key=lambda p: busy.get((p.host.name, p.group.name), 0) / p.group.slots)
     return [chosen, *others]
@@ -92,6 +94,8 @@ def wait_for_placement(site: Site, case: Case, host: str | None, group: str | No
     """A case whose hosts are all down waits for one to come back; it does not fail."""
     delay = site.settings.case.poll_seconds
     while True:
+        if site.ledger.get_case(case.id).cancel_requested_at is not None:
+            raise CaseMovedOn(f"case {case.name} was cancelled while it waited for a host")
         try:
             return choose_placement(site, case, host, group)
         except NoPlacement as exc:
@@ -112,23 +116,26 @@ def _gpus_taken_by_others(site: Site, placement: Placement) -> bool:
     return bool(foreign_processes(report, placement.group.devices))
 
 
-def live_attempts_per_group(site: Site) -> dict[tuple[str, str], int]:
-    counts: dict[tuple[str, str], int] = {}
-    for active in site.ledger.cases_in_states(ACTIVE_STATES):
-        attempt = site.ledger.live_attempt(active.id)
-        if attempt is not None:
-            counts[(attempt.host, attempt.group)] = counts.get((attempt.host, attempt.group), 0) + 1
-    return counts
-
-
 # -- upload and submit -------------------------------------------------------------------
 
 
 def upload(site: Site, case: Case, placement: Placement, actor: str) -> bool:
     """Send the case folder to the host, verified; False: an input error failed the case.
-    The case stays pending while earlier cases upload to the same host."""
-    with site.upload_gate(placement.host.name).turn(arrival_key(case)):
+    The case stays pending while earlier cases upload to the same host. CaseMovedOn: it was
+    cancelled first (also while it waited for its turn)."""
+    with watching_for_cancel(site, case), site.upload_gate(placement.host.name).turn(arrival_key(case)):
         return _upload(site, case, placement, actor)
+
+
+def watching_for_cancel(site: Site, case: Case):
+    """The waits of this thread (its turn, a slot, a host) end with CaseMovedOn within one
+    poll interval of a cancel."""
+
+    def check() -> None:
+        if site.ledger.get_case(case.id).cancel_requested_at is not None:
+            raise CaseMovedOn(f"case {case.name} was cancelled while it waited")
+
+    return watching(check, site.settings.case.poll_seconds)
 
 
 def arrival_key(case: Case) -> tuple:
@@ -139,8 +146,11 @@ def arrival_key(case: Case) -> tuple:
 def _upload(site: Site, case: Case, placement: Placement, actor: str) -> bool:
     # The remote folder is named by the case: only an earlier upload of it can have left it there.
     uploaded_before = any(event.to_state is CaseState.UPLOADING for event in site.ledger.events(case.id))
-    if site.ledger.get_case(case.id).state is not CaseState.UPLOADING:  # else resuming a broken upload
-        site.ledger.transition(case.id, CaseState.UPLOADING, actor=actor, message=f"to {placement.host.name}")
+    # The step is taken in the ledger before anything is sent: a cancelled case is refused here.
+    moved = site.ledger.transition(case.id, CaseState.UPLOADING, actor=actor, only_from={CaseState.PENDING},
+                                   message=f"to {placement.host.name}")
+    if moved is None and site.ledger.get_case(case.id).state is not CaseState.UPLOADING:  # else resuming
+        raise CaseMovedOn(f"case {case.name} was cancelled before its upload")
     remote_dir = site.remote_case_dir(placement.host, case.uid)
     try:
         transfer.upload_case(
@@ -157,59 +167,87 @@ def _upload(site: Site, case: Case, placement: Placement, actor: str) -> bool:
     except TransportError as exc:
         site.note_host_call(placement.host.name, exc)
         # Back in line: the case is retried when the host answers again.
-        site.ledger.transition(case.id, CaseState.PENDING, actor=actor, message=f"upload interrupted: {exc}")
+        site.ledger.transition(case.id, CaseState.PENDING, actor=actor, only_from={CaseState.UPLOADING},
+                               message=f"upload interrupted: {exc}")
         raise
     return True
 
 
-def submit(site: Site, case: Case, placement: Placement, actor: str, flow_run_id: str | None = None) -> Attempt:
-    """Add the pueue task (adopting one with the same label) and record it."""
-    live = site.ledger.live_attempt(case.id)
-    if live is not None:  # a retried step: the attempt exists, its task is found by label
-        return add_task(site, case, live, placement, actor)
-    number = len(site.ledger.attempts(case.id)) + 1
-    label = attempt_label(case, number)
-    remote_dir = site.remote_case_dir(placement.host, case.uid)
-    # The attempt is written before `pueue add`, so a crash in between leaves its label in the
-    # ledger and the task is adopted by label instead of added twice.
-    attempt = site.ledger.start_attempt(
-        case.id,
-        host=placement.host.name,
-        group=placement.group.name,
-        label=label,
-        remote_dir=remote_dir,
-        flow_run_id=flow_run_id,
-    )
-    # Its label is new (attempt numbers only grow): no task can carry it, no status to read first.
-    return add_task(site, case, attempt, placement, actor, resumed=False)
+# -- admission: a GPU slot, in the ledger ------------------------------------------------
 
 
-def add_task(site: Site, case: Case, attempt: Attempt, placement: Placement, actor: str, *,
-             resumed: bool = True) -> Attempt:
-    """Add the attempt's task; a resumed submission adopts a task that already has its label."""
+def admit_and_submit(site: Site, case: Case, candidates: list[Placement], actor: str,
+                     flow_run_id: str | None = None) -> Attempt:
+    """Take a slot of the first candidate group that has one (the ledger's check-and-set), in
+    the order the cases of this process arrived, and add the task; the turn passes on once the
+    task is in the queue, so each group's queue gets tasks in arrival order. Waits while every
+    candidate group is full; CaseMovedOn when the case is cancelled meanwhile."""
+    key = arrival_key(case)
+    line = site.arrival_line
+    with watching_for_cancel(site, case), line.standing(key):
+        while True:
+            line.wait_turn(key)
+            try:
+                attempt = _take_first_free_slot(site, case, candidates, flow_run_id)
+            except BaseException:
+                line.pass_turn(key, found_no_slot=True)
+                raise
+            if attempt is not None:
+                break
+            line.pass_turn(key, found_no_slot=True)
+        line.step_out(key)
+        try:
+            return submit(site, case, attempt, actor, resumed=False)
+        finally:
+            line.pass_turn(key, found_no_slot=False)
+
+
+def _take_first_free_slot(site: Site, case: Case, candidates: list[Placement],
+                          flow_run_id: str | None) -> Attempt | None:
+    for placement in candidates:
+        attempt = site.ledger.take_slot(
+            case.id, host=placement.host.name, group=placement.group.name, capacity=placement.group.capacity,
+            label_of=lambda number: attempt_label(case, number),
+            remote_dir=site.remote_case_dir(placement.host, case.uid), flow_run_id=flow_run_id,
+        )
+        if attempt is not None:
+            return attempt
+    return None
+
+
+def submit(site: Site, case: Case, attempt: Attempt, actor: str, *, resumed: bool = True) -> Attempt:
+    """Add the attempt's task and record it (`queued`). A resumed submission adopts a task that
+    already carries the attempt's label (a crash after `pueue add`) instead of adding a second.
+    A task added in the instant a cancel came is killed at once, and the kill confirmed."""
+    placement = site.placement(attempt.host, attempt.group)
+    task_id = site.queue(placement.host.name).submit(_request(site, case, attempt, placement), adopt=resumed)
+    fault_point("after-add")
+    site.status(placement.host.name).invalidate()
+    try:
+        site.ledger.record_submission(attempt.id, task_id, actor=actor,
+                                      message=f"pueue task {task_id} in {placement.host.name}/{placement.group.name}")
+    except CaseMovedOn:
+        log.warning("case %s was cancelled while its task %s was added: killing it", case.name, task_id)
+        outcome = site.queue(attempt.host).kill(task_id, attempt.label)
+        if not outcome.confirmed:
+            log.warning("case %s: kill of task %s not confirmed (%s); reconcile retries it",
+                        case.name, task_id, outcome.message)
+        raise
+    return site.ledger.get_attempt(attempt.id)
+
+
+def _request(site: Site, case: Case, attempt: Attempt, placement: Placement) -> SubmitRequest:
     output_dir = f"{attempt.remote_dir}/{site.settings.case.output_subdir}"
     env = {"MQI_CASE_UID": case.uid, "MQI_OUTPUT_DIR": output_dir}
     if placement.group.devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = placement.group.devices
-    request = SubmitRequest(
+    return SubmitRequest(
         label=attempt.label,
         group=placement.group.name,
         workdir=attempt.remote_dir,
         command=site.settings.case.command,
         env=env,
     )
-    task_id = site.queue(placement.host.name).submit(request, adopt=resumed)
-    fault_point("after-add")
-    site.status(placement.host.name).invalidate()
-    attempt = site.ledger.update_attempt(attempt.id, task_id=task_id)
-    site.ledger.transition(
-        case.id,
-        CaseState.QUEUED,
-        actor=actor,
-        attempt_id=attempt.id,
-        message=f"pueue task {task_id} in {placement.host.name}/{placement.group.name}",
-    )
-    return attempt
 
 
 # -- wait --------------------------------------------------------------------------------
@@ -221,6 +259,10 @@ class WaitOutcome:
     exit_code: int | None = None
     task: TaskInfo | None = None
     message: str = ""
+    moved_on: bool = False  # the case left queued/running meanwhile (a cancel): nothing to record
+
+
+MOVED_ON = WaitOutcome(None, message="the case was moved on (cancelled) while it waited", moved_on=True)
 
 
 @dataclass
@@ -250,6 +292,8 @@ class Waiter:
     def wait(self) -> WaitOutcome:
         try:
             return self._poll_until_done()
+        except CaseMovedOn:
+            return MOVED_ON
         finally:
             if self._watched_task is not None:
                 self.site.log_tails(self.attempt.host).forget(self._watched_task)
@@ -259,6 +303,8 @@ class Waiter:
         backoff = poll
         status = self.site.status(self.attempt.host)
         while True:
+            if self._moved_on():  # a cancel is seen within one poll interval
+                return MOVED_ON
             remaining = (self.deadline - self.clock()).total_seconds()
             if remaining <= 0:
                 return WaitOutcome(AttemptResult.TIMEOUT, message="timed out")
@@ -276,7 +322,8 @@ class Waiter:
             backoff = poll
             if task is None:
                 return WaitOutcome(None, message="the task vanished from the queue")
-            self._note_start(task)
+            if not self._note_start(task):
+                return MOVED_ON
             if task.finished:
                 return outcome_of(task)
             fault_point("while-waiting")
@@ -285,16 +332,22 @@ class Waiter:
             # (the status call itself, progress) is not added to the poll interval.
             self.sleep(min(status.seconds_until_stale() or poll, remaining))
 
-    def _note_start(self, task: TaskInfo) -> None:
+    def _moved_on(self) -> bool:
+        return self.site.ledger.get_case(self.case.id).state not in (CaseState.QUEUED, CaseState.RUNNING)
+
+    def _note_start(self, task: TaskInfo) -> bool:
+        """Record when the task started; False when the case was moved on meanwhile."""
         if task.state is TaskState.QUEUED or self.attempt.started_at is not None:
-            return
+            return True
         if task.start is None and task.state is not TaskState.RUNNING:
-            return
-        self.attempt = self.site.ledger.update_attempt(self.attempt.id, started_at=task.start or self.clock())
-        if self.site.ledger.get_case(self.case.id).state is CaseState.QUEUED:
-            self.site.ledger.transition(
-                self.case.id, CaseState.RUNNING, actor=self.actor, attempt_id=self.attempt.id, message="task started"
-            )
+            return True
+        try:
+            self.attempt = self.site.ledger.update_attempt(self.attempt.id, started_at=task.start or self.clock())
+        except LedgerError:  # the attempt was finished meanwhile (a confirmed cancel)
+            return False
+        self.site.ledger.transition(self.case.id, CaseState.RUNNING, actor=self.actor, attempt_id=self.attempt.id,
+                                    only_from={CaseState.QUEUED}, message="task started")
+        return True
 
     def _update_progress(self, task: TaskInfo) -> None:
         if task.state is not TaskState.RUNNING:
@@ -334,33 +387,45 @@ def outcome_of(task: TaskInfo) -> WaitOutcome:
 # -- kill --------------------------------------------------------------------------------
 
 
-def kill(site: Site, case: Case, attempt: Attempt, result: AttemptResult, reason: str, actor: str) -> bool:
-    """Kill the attempt's task and confirm it is gone; False leaves the case in `killing`."""
-    if site.ledger.get_case(case.id).state is not CaseState.KILLING:
-        site.ledger.transition(case.id, CaseState.KILLING, actor=actor, attempt_id=attempt.id, message=reason)
-    if attempt.task_id is None:
-        confirmed, message = True, "no task had been added"
-    else:
-        try:
-            outcome = site.queue(attempt.host).kill(attempt.task_id, attempt.label)
-            confirmed, message = outcome.confirmed, outcome.message
-        except TransportError as exc:
-            confirmed, message = False, str(exc)
+def kill(site: Site, case: Case, attempt: Attempt, actor: str, reason: str = "") -> bool:
+    """Kill the attempt's task of a case in `killing` and confirm it is gone; the case is then
+    cancelled (a cancel was asked for) or failed by its timeout. False: not confirmed, the
+    case stays `killing` and the kill is tried again."""
+    if attempt.task_id is None and site.ledger.get_case(case.id).state is CaseState.KILLING:
+        attempt = site.ledger.get_attempt(attempt.id)  # its run may have recorded the task meanwhile
+    try:  # by id and label; without an id (a crash right after `pueue add`), by label
+        outcome = site.queue(attempt.host).kill(attempt.task_id, attempt.label)
+        confirmed, message = outcome.confirmed, outcome.message
+    except TransportError as exc:
+        confirmed, message = False, str(exc)
     site.status(attempt.host).invalidate()
     if not confirmed:
         log.warning("case %s: kill not confirmed (%s); it will be retried", case.uid, message)
         return False
-    site.ledger.finish_attempt(attempt.id, result)
-    if result is AttemptResult.CANCELLED:
-        site.ledger.transition(case.id, CaseState.CANCELLED, actor=actor, attempt_id=attempt.id, message=reason)
-    else:
-        category = FailureCategory.TIMEOUT if result is AttemptResult.TIMEOUT else FailureCategory.INFRASTRUCTURE
-        site.ledger.transition(
-            case.id, CaseState.FAILED, actor=actor, attempt_id=attempt.id, message=reason,
-            failure_category=category, failure_message=reason,
-        )
-        retry_if_allowed(site, case, category, actor)
+    settled = site.ledger.confirm_kill(case.id, attempt.id, actor=actor, message=reason or message)
+    if settled is not None and settled.state is CaseState.FAILED:
+        retry_if_allowed(site, case, FailureCategory.TIMEOUT, actor)
     return True
+
+
+def kill_until_confirmed(site: Site, case: Case, attempt: Attempt, actor: str, reason: str = "",
+                         sleep: Callable[[float], None] = pause) -> None:
+    """The run that owns a case in `killing` tries until the kill is confirmed (a host that is
+    down is waited for with back-off, like a poll)."""
+    delay = site.settings.case.poll_seconds
+    while not kill(site, case, attempt, actor, reason):
+        sleep(delay)
+        delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+
+
+def cancel(site: Site, case: Case, actor: str, reason: str) -> bool:
+    """Record the cancel, then kill the live task, if any, and confirm it. False: the kill is
+    not confirmed yet (the case stays `killing`; its run or reconcile tries again).
+    Raises CaseFinished for a completed, failed or cancelled case."""
+    case, attempt = site.ledger.request_cancel(case.id, actor=actor, reason=reason)
+    if attempt is None:
+        return True
+    return kill(site, case, attempt, actor, reason)
 
 
 # -- finish ------------------------------------------------------------------------------
@@ -370,36 +435,56 @@ def results_dir(site: Site, case: Case) -> Path:
     return site.settings.results_dir.resolve() / case.name
 
 
-def download(site: Site, case: Case, attempt: Attempt, actor: str) -> Path:
-    """Fetch and verify the results, then mark the case completed."""
-    if site.ledger.get_case(case.id).state is not CaseState.DOWNLOADING:
-        site.ledger.transition(case.id, CaseState.DOWNLOADING, actor=actor, attempt_id=attempt.id,
-                               message="fetching results")
+def fetch_results(site: Site, case: Case, attempt: Attempt, actor: str) -> None:
+    """Download and verify the results of a case in `downloading`; then it is completed. A
+    broken download leaves the case in `downloading` with its attempt live: the results stay on
+    the host and the next resume fetches them again."""
     dest = results_dir(site, case)
     dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # results are patient data: owner only
     remote_output = f"{attempt.remote_dir}/{site.settings.case.output_subdir}"
     transport = site.transport(attempt.host)
-    # A broken download leaves the case in `downloading` with its attempt live; the results
-    # stay on the host and the next resume fetches them again.
-    transfer.download_results(transport, remote_output, dest, timeout=site.settings.transfer.timeout_seconds)
+    try:
+        transfer.download_results(transport, remote_output, dest, timeout=site.settings.transfer.timeout_seconds)
+    except transfer.RemoteResultsMissing as exc:  # else resumed and refetched forever
+        _fail_without_results(site, case, attempt, str(exc), actor)
+        return
     fault_point("after-download")
-    site.ledger.finish_attempt(attempt.id, AttemptResult.SUCCESS, exit_code=0)
-    site.ledger.transition(case.id, CaseState.COMPLETED, actor=actor, attempt_id=attempt.id,
-                           results_path=dest, message=f"results in {dest}")
+    completed = site.ledger.transition(case.id, CaseState.COMPLETED, actor=actor, attempt_id=attempt.id,
+                                       only_from={CaseState.DOWNLOADING}, finish=AttemptResult.SUCCESS, exit_code=0,
+                                       results_path=dest, message=f"results in {dest}")
+    if completed is None:  # cancelled while downloading: its results are not kept
+        shutil.rmtree(dest, ignore_errors=True)
+        return
     if site.settings.transfer.remove_remote_after_download:
         transfer.remove_remote_dir(transport, attempt.remote_dir)
-    return dest
+
+
+def _fail_without_results(site: Site, case: Case, attempt: Attempt, missing: str, actor: str) -> None:
+    """No results on the host: the queue tells why. A task still listed ended by itself and
+    wrote nothing (engine); one that is gone was removed by someone (pueue clean/remove/reset)."""
+    task = site.status(attempt.host).snapshot().find(attempt.task_id, attempt.label)
+    if task is None:
+        fail_case(site, case, attempt, FailureCategory.LOST,
+                  f"the task disappeared from the queue (pueue clean/remove/reset?) and left no results: {missing}",
+                  actor, result=AttemptResult.LOST, only_from={CaseState.DOWNLOADING})
+    else:
+        fail_case(site, case, attempt, FailureCategory.ENGINE,
+                  f"the engine exited with code 0 but wrote no results: {missing}", actor, exit_code=0,
+                  only_from={CaseState.DOWNLOADING})
 
 
 def fail_case(site: Site, case: Case, attempt: Attempt | None, category: FailureCategory, message: str,
-              actor: str, *, result: AttemptResult = AttemptResult.FAILED, exit_code: int | None = None) -> None:
-    if attempt is not None and attempt.live:
-        site.ledger.finish_attempt(attempt.id, result, exit_code=exit_code)
-    site.ledger.transition(
+              actor: str, *, result: AttemptResult = AttemptResult.FAILED, exit_code: int | None = None,
+              only_from: frozenset[CaseState] | set[CaseState] = ACTIVE_STATES - {CaseState.KILLING}) -> None:
+    """The case failed (its attempt, if live, ends in the same transaction); retried if allowed.
+    Nothing happens if the case has meanwhile left `only_from` (a cancel came first)."""
+    failed = site.ledger.transition(
         case.id, CaseState.FAILED, actor=actor, attempt_id=attempt.id if attempt else None,
-        message=message, failure_category=category, failure_message=message,
+        finish=result if attempt is not None and attempt.live else None, exit_code=exit_code,
+        only_from=only_from, message=message, failure_category=category, failure_message=message,
     )
-    retry_if_allowed(site, case, category, actor)
+    if failed is not None:
+        retry_if_allowed(site, case, category, actor)
 
 
 # Failures the retry policy may try again; an input error never is, a timeout only if set.
@@ -413,9 +498,10 @@ def retry_if_allowed(site: Site, case: Case, category: FailureCategory, actor: s
     attempts = len(site.ledger.attempts(case.id))
     if not retryable or attempts >= policy.max_attempts:
         return False
-    site.ledger.transition(case.id, CaseState.PENDING, actor=actor,
-                           message=f"automatic retry after {category} (attempt {attempts + 1} of {policy.max_attempts})")
-    return True
+    return site.ledger.transition(
+        case.id, CaseState.PENDING, actor=actor, only_from={CaseState.FAILED},
+        message=f"automatic retry after {category} (attempt {attempts + 1} of {policy.max_attempts})",
+    ) is not None
 
 
 def engine_failure_message(site: Site, attempt: Attempt, outcome: WaitOutcome) -> str:
@@ -427,68 +513,38 @@ def engine_failure_message(site: Site, attempt: Attempt, outcome: WaitOutcome) -
     return f"{outcome.message}\n--- last lines of the log ---\n{tail.rstrip()}" if tail.strip() else outcome.message
 
 
-def is_active(case: Case) -> bool:
-    return case.state in ACTIVE_STATES
-
-
 def wait_for(site: Site, case: Case, attempt: Attempt, actor: str,
              on_progress: Callable[[int], None] = lambda percent: None) -> WaitOutcome:
-    """Wait for the attempt's task; a timeout kills it. Resumes `downloading` and `killing`."""
-    state = site.ledger.get_case(case.id).state
-    if state is CaseState.DOWNLOADING:  # the task had succeeded before a crash
-        return WaitOutcome(AttemptResult.SUCCESS, exit_code=0)
-    if state is CaseState.KILLING:  # a kill that was never confirmed
-        kill(site, case, attempt, AttemptResult.TIMEOUT, "kill retried", actor)
-        return WaitOutcome(AttemptResult.TIMEOUT, message="killed")
+    """Wait for the attempt's task of a queued or running case, and record how it ended."""
     outcome = Waiter(site, case, attempt, actor, on_progress=on_progress).wait()
-    if outcome.result is AttemptResult.TIMEOUT:
-        kill(site, case, attempt, AttemptResult.TIMEOUT, f"timed out after {site.settings.case.timeout_hours} h", actor)
+    record_outcome(site, case, attempt, outcome, actor)
     return outcome
 
 
-def record_outcome(site: Site, case: Case, attempt: Attempt, outcome: WaitOutcome, actor: str) -> Case:
-    """Download on success, or record why the attempt failed. Idempotent on a settled case."""
-    current = site.ledger.get_case(case.id)
-    if current.state not in ACTIVE_STATES or current.state is CaseState.KILLING:
-        return current  # already settled (kill, cancel) or waiting for a kill to be confirmed
-    attempt = site.ledger.get_attempt(attempt.id)
-    if outcome.result is AttemptResult.SUCCESS:
-        try:
-            download(site, case, attempt, actor)
-        except transfer.RemoteResultsMissing as exc:  # else resumed and refetched forever
-            fail_case(site, case, attempt, FailureCategory.ENGINE,
-                      f"the engine exited with code 0 but wrote no results: {exc}", actor, exit_code=0)
-    elif outcome.result is None:
-        decide_vanished(site, case, attempt, actor)
+WAITING = frozenset({CaseState.QUEUED, CaseState.RUNNING})
+
+
+def record_outcome(site: Site, case: Case, attempt: Attempt, outcome: WaitOutcome, actor: str) -> None:
+    """The ledger's next state for how the task ended, each a check-and-set on queued/running:
+    a success or a vanished task goes on to `downloading`, a timeout to `killing`, a failure
+    or a kill on the host fails the case. The slot is given back in the same transaction."""
+    if outcome.moved_on:
+        return
+    if outcome.result in (AttemptResult.SUCCESS, None):
+        note = "fetching results" if outcome.result else "the task vanished from the queue: fetching any results"
+        site.ledger.transition(case.id, CaseState.DOWNLOADING, actor=actor, attempt_id=attempt.id,
+                               only_from=WAITING, message=note)
+    elif outcome.result is AttemptResult.TIMEOUT:
+        site.ledger.transition(case.id, CaseState.KILLING, actor=actor, attempt_id=attempt.id, only_from=WAITING,
+                               message=f"timed out after {site.settings.case.timeout_hours} h")
     elif outcome.result is AttemptResult.FAILED:
         message = engine_failure_message(site, attempt, outcome)
         category = FailureCategory.ENGINE if outcome.exit_code is not None else FailureCategory.INFRASTRUCTURE
-        fail_case(site, case, attempt, category, message, actor, exit_code=outcome.exit_code)
+        fail_case(site, case, attempt, category, message, actor, exit_code=outcome.exit_code, only_from=WAITING)
     else:  # killed on the host by someone else, or by a pueue daemon restart
         fail_case(site, case, attempt, FailureCategory.INFRASTRUCTURE,
                   "the task was killed on the host (an operator, or a pueue daemon restart)", actor,
-                  result=AttemptResult.KILLED)
-    return site.ledger.get_case(case.id)
-
-
-def decide_vanished(site: Site, case: Case, attempt: Attempt, actor: str) -> None:
-    """A task removed from the queue before we saw it end: decided from the host's results."""
-    try:
-        download(site, case, attempt, actor)
-    except transfer.RemoteResultsMissing:
-        fail_case(site, case, attempt, FailureCategory.LOST,
-                  "the task disappeared from the queue (pueue clean/remove/reset?) and left no results",
-                  actor, result=AttemptResult.LOST)
-
-
-def cancel(site: Site, case: Case, actor: str, reason: str) -> bool:
-    """Kill the live task, if any, and mark the case cancelled. False: kill not confirmed."""
-    attempt = site.ledger.live_attempt(case.id)
-    if attempt is None:
-        if site.ledger.get_case(case.id).state is not CaseState.CANCELLED:
-            site.ledger.transition(case.id, CaseState.CANCELLED, actor=actor, message=reason)
-        return True
-    return kill(site, case, attempt, AttemptResult.CANCELLED, reason, actor)
+                  result=AttemptResult.KILLED, only_from=WAITING)
 
 
 # -- admission and reconciliation ----------------------------------------------------------
@@ -541,4 +597,21 @@ def adopt_unknown_tasks(site: Site, host: str, actor: str) -> list[str]:
         if task is not None:
             site.ledger.update_attempt(attempt.id, task_id=task.id)
             notes.append(f"case {active.name}: adopted pueue task {task.id} ({attempt.label})")
+    return notes
+
+
+def kill_stray_tasks(site: Site, host: str) -> list[str]:
+    """Kill our tasks that no live attempt owns but that still wait or run on the host: added in
+    the instant a cancel came by a run that then died. Evidence: the label names an attempt of
+    this ledger that has ended (a label of another ledger is left alone)."""
+    notes = []
+    for task in site.status(host).snapshot().tasks.values():
+        attempt = None if task.finished or not task.label else site.ledger.attempt_by_label(task.label)
+        if attempt is None or attempt.live or attempt.host != host:
+            continue
+        outcome = site.queue(host).kill(task.id, task.label)
+        notes.append(f"{host}: task {task.id} ({task.label}) of an ended attempt ({attempt.result}): "
+                     f"{'killed' if outcome.confirmed else 'kill not confirmed: ' + outcome.message}")
+    if notes:
+        site.status(host).invalidate()
     return notes

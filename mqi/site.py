@@ -13,16 +13,21 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from mqi.arrival_line import ArrivalGate, ExpectedArrivals
+from mqi.arrival_line import ArrivalGate, ArrivalLine, ExpectedArrivals
 from mqi.errors import ConfigError
 from mqi.gpu import GpuCache
 from mqi.host_health import HostHealth, record_host_ok, record_transport_error
+from mqi.ledger.states import SLOT_STATES
 from mqi.ledger.store import Ledger
 from mqi.polling import SharedLogTails, SharedStatus
 from mqi.queue.base import Queue
 from mqi.settings import GroupSettings, HostSettings, Settings
 from mqi.transport.base import Transport, TransportError
 
+# Between rounds of the cases waiting for a GPU slot: short, since only cases the inbox scan
+# admitted (as many as the groups hold) wait, and a freed slot should not stay idle. A slot
+# given back in this process starts a round at once.
+SLOT_RETRY_SECONDS = 1.0
 # Progress: the last lines of running tasks, read every third poll and at most every 5 s.
 PROGRESS_EVERY_POLLS, PROGRESS_MIN_SECONDS, PROGRESS_LINES = 3, 5.0, 20
 
@@ -53,13 +58,23 @@ class Site:
         self._upload_gates: dict[str, ArrivalGate] = {}
         #: cases started in this process that have not reached an upload gate yet
         self.expected_arrivals = ExpectedArrivals()
+        #: the cases of this process take GPU slots and reach the queues in arrival order
+        self.arrival_line = ArrivalLine(retry_seconds=SLOT_RETRY_SECONDS)
         self.gpu_cache = GpuCache(interval=settings.case.poll_seconds)
         #: called with a HostHealth when a host becomes reachable or unreachable
         self.host_listeners: list[Callable[[HostHealth], None]] = []
 
     @cached_property
     def ledger(self) -> Ledger:
-        return Ledger.open(self.settings.ledger.url.get_secret_value())
+        ledger = Ledger.open(self.settings.ledger.url.get_secret_value())
+        ledger.sync_gpu_groups((h.name, g.name, g.capacity, _devices(g)) for h in self.settings.hosts for g in h.groups)
+        ledger.transition_listeners.append(self._slot_freed)
+        return ledger
+
+    def _slot_freed(self, case, from_state, attempt_id) -> None:
+        """A slot given back in this process: the cases waiting here try again at once."""
+        if from_state in SLOT_STATES and case.state not in SLOT_STATES:
+            self.arrival_line.slot_given_back()
 
     def placement(self, host: str, group: str) -> Placement:
         host_settings = self.settings.host(host)
@@ -141,6 +156,10 @@ class Site:
     def close(self) -> None:
         for transport in self._transports.values():
             transport.close()
+
+
+def _devices(group: GroupSettings) -> list[str]:
+    return [] if group.devices is None else [d.strip() for d in str(group.devices).split(",")]
 
 
 def _require_resolved(host: HostSettings) -> None:

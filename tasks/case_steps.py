@@ -8,7 +8,7 @@ from prefect.runtime import flow_run
 
 from mqi import casework, claims
 from mqi.ledger.records import Attempt, Case
-from mqi.ledger.states import CaseState
+from mqi.ledger.store import CaseMovedOn
 from mqi.runtime import get_site
 from mqi.site import Placement
 from mqi.transport.base import TransportError
@@ -31,6 +31,12 @@ def _transient(task, task_run, state) -> bool:
     return False
 
 
+def retried_when_transient(function):
+    """A step that host or network trouble sends round again, after growing pauses."""
+    return task(function, retries=len(TRANSIENT_RETRY_DELAYS), retry_delay_seconds=TRANSIENT_RETRY_DELAYS,
+                retry_condition_fn=_transient)
+
+
 @task(name="register-case")
 def register_case(ref: str) -> Case:
     return casework.register(get_site(), ref, actor())
@@ -41,49 +47,45 @@ def claim_case(case: Case):
     return claims.claim(get_site().settings.state_dir, case.id)
 
 
-# Ledger look-ups, not steps: plain calls. A task run costs the Prefect server some 25 ms of
-# CPU (its states and events are written) and shows the physicist nothing.
-
-
-def live_attempt(case: Case) -> Attempt | None:
-    return get_site().ledger.live_attempt(case.id)
-
-
-@task(name="choose-placement")
-def choose_placement(case: Case, host: str | None, group: str | None) -> Placement:
-    return casework.wait_for_placement(get_site(), case, host, group)
-
-
-def slot_candidates(case: Case, placement: Placement, group: str | None) -> list[Placement]:
-    return casework.slot_candidates(get_site(), case, placement, group)
-
-
-def placement_of(attempt: Attempt) -> Placement:
-    return get_site().placement(attempt.host, attempt.group)
-
-
-@task(name="upload-case", retries=len(TRANSIENT_RETRY_DELAYS), retry_delay_seconds=TRANSIENT_RETRY_DELAYS,
-      retry_condition_fn=_transient)
-def upload_case(case: Case, placement: Placement) -> bool:
-    """False when the case folder itself is unusable: the case has failed, nothing was sent."""
-    return casework.upload(get_site(), case, placement, actor())
-
-
-@task(name="submit-case", retries=len(TRANSIENT_RETRY_DELAYS), retry_delay_seconds=TRANSIENT_RETRY_DELAYS,
-      retry_condition_fn=_transient)
-def submit_case(case: Case, placement: Placement, attempt: Attempt | None) -> Attempt:
+@retried_when_transient
+def upload_case(case: Case, host: str | None, group: str | None) -> Placement | None:
+    """Place the case and send its folder, verified. None: nothing more to do here (the folder
+    itself is unusable and the case failed, or it was cancelled first)."""
     site = get_site()
-    if attempt is None:
-        return casework.submit(site, case, placement, actor(), flow_run_id=str(flow_run.id or ""))
-    # Resuming after a crash between `pueue add` and the ledger's QUEUED (the task id may have
-    # been recorded, by us or by reconcile, without the move): the task is adopted by label.
-    if attempt.task_id is None or site.ledger.get_case(case.id).state is CaseState.UPLOADING:
-        return casework.add_task(site, case, attempt, placement, actor())
-    return attempt
+    try:
+        placement = casework.wait_for_placement(site, case, host, group)
+        return placement if casework.upload(site, case, placement, actor()) else None
+    except CaseMovedOn:
+        return None
+
+
+@task(name="wait-for-gpu-slot")
+def admit_case(case: Case, uploaded_to: Placement, group: str | None) -> None:
+    """Take a GPU slot of a group on the host the case was sent to (any free one unless a group
+    is pinned), then add its task. Trouble adding it is left to `submit-case`, which retries."""
+    site = get_site()
+    candidates = casework.slot_candidates(site, case, uploaded_to, group)
+    try:
+        casework.admit_and_submit(site, case, candidates, actor(), flow_run_id=str(flow_run.id or "") or None)
+    except CaseMovedOn:
+        pass  # cancelled: the case's next step says what is left to do
+    except TransportError as exc:
+        if not exc.transient:
+            raise
+        get_run_logger().warning("case %s: adding its task failed (%s); trying again", case.name, exc)
+
+
+@retried_when_transient
+def submit_case(case: Case, attempt: Attempt) -> None:
+    """Add the task of an admitted attempt, or adopt the one with its label (a resumed run)."""
+    try:
+        casework.submit(get_site(), case, attempt, actor())
+    except CaseMovedOn:
+        pass
 
 
 @task(name="wait-until-done")
-def wait_until_done(case: Case, attempt: Attempt) -> casework.WaitOutcome:
+def wait_until_done(case: Case, attempt: Attempt) -> None:
     artifact_id = create_progress_artifact(progress=float(case.progress), key=f"progress-{case.uid}",
                                            description=f"MOQUI progress of {case.name}")
 
@@ -91,10 +93,15 @@ def wait_until_done(case: Case, attempt: Attempt) -> casework.WaitOutcome:
         update_progress_artifact(artifact_id=artifact_id, progress=float(percent))
         get_run_logger().info("case %s: %d%%", case.name, percent)
 
-    return casework.wait_for(get_site(), case, attempt, actor(), on_progress)
+    casework.wait_for(get_site(), case, attempt, actor(), on_progress)
 
 
-@task(name="record-outcome", retries=len(TRANSIENT_RETRY_DELAYS), retry_delay_seconds=TRANSIENT_RETRY_DELAYS,
-      retry_condition_fn=_transient)
-def record_outcome(case: Case, attempt: Attempt, outcome: casework.WaitOutcome) -> Case:
-    return casework.record_outcome(get_site(), case, attempt, outcome, actor())
+@task(name="kill-task")
+def kill_task(case: Case, attempt: Attempt) -> None:
+    """Kill the attempt's task (a cancel, or its timeout) and wait until the kill is confirmed."""
+    casework.kill_until_confirmed(get_site(), case, attempt, actor())
+
+
+@retried_when_transient
+def fetch_results(case: Case, attempt: Attempt) -> None:
+    casework.fetch_results(get_site(), case, attempt, actor())

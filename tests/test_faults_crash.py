@@ -10,7 +10,6 @@ results, and events that tell the story.
 from __future__ import annotations
 
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import pytest
 from mqi import casework
 from mqi.claims import claimed_case_ids
 from mqi.ledger.states import AttemptResult, CaseState
-from tasks.publish import SLOT_LEASE_SECONDS
 from tests.support.cases import (
     case_state,
     make_case,
@@ -128,12 +126,3 @@ def _wait_case(site, folder):
 @pytest.mark.parametrize("point", CRASH_POINTS, ids=[p.name for p in CRASH_POINTS])
 def test_killed_at_each_step_the_case_completes_once(tmp_path, sshd, fake_pueue, prefect_server, point):
     crash_and_resume(tmp_path, sshd, fake_pueue, prefect_server, point)
-
-
-def test_dead_holders_slot_is_given_back(tmp_path, sshd, fake_pueue, prefect_server):
-    """One slot, held by a process killed while its task ran: the resumed run releases the
-    dead run's recorded lease at once instead of waiting for it to run out."""
-    point = next(p for p in CRASH_POINTS if p.name == "while-waiting")
-    started = time.monotonic()
-    crash_and_resume(tmp_path, sshd, fake_pueue, prefect_server, point, slots=1)
-    assert time.monotonic() - started < SLOT_LEASE_SECONDS, "the resumed run waited for the dead lease to run out"

@@ -1,79 +1,121 @@
-"""GPU slots as Prefect global concurrency limits: taken, refused when full, given back."""
+"""GPU slots: held in the ledger (an atomic check-and-set), shown in Prefect's limits and
+repaired from the ledger when Prefect counts otherwise (a server restart, a dead holder)."""
 
 from __future__ import annotations
 
-import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from mqi.ledger.states import CaseState
+from mqi.ledger.store import CaseMovedOn, Ledger
 from mqi.site import gpu_limit_name
-from tasks import publish
 
 
-class BusyThenFreeApi(BaseHTTPRequestHandler):
-    """Answers the first `busy` POSTs with 503, as a Prefect server on SQLite does when a write
-    collides ("database is locked"), then grants a lease."""
-
-    busy = 2
-    requests: list[str] = []
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).requests.append(self.path)
-        if len(type(self).requests) <= self.busy:
-            self._answer(503, {"exception_message": "Service Unavailable"})
-        else:
-            self._answer(200, {"lease_id": "6a0f2c3e-0000-4000-8000-000000000001", "limits": []})
-
-    def _answer(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args) -> None:
-        pass
+def uploaded_case(ledger: Ledger, name: str):
+    case, _ = ledger.register_case(f"/inbox/{name}")
+    return ledger.transition(case.id, CaseState.UPLOADING, actor="test")
 
 
-@pytest.fixture
-def busy_api():
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    BusyThenFreeApi.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), BusyThenFreeApi)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{server.server_port}/api"}):
-        yield BusyThenFreeApi
-    server.shutdown()
+def take(ledger: Ledger, case, group: str = "gpu0", capacity: int = 2):
+    return ledger.take_slot(case.id, host="h", group=group, capacity=capacity,
+                            label_of=lambda n: f"mqi-{case.uid}-a{n}", remote_dir=f"/w/{case.uid}")
 
 
-def test_a_busy_server_is_asked_again_promptly_not_after_prefects_long_back_off(busy_api, monkeypatch):
-    pauses = []
-    monkeypatch.setattr(publish.time, "sleep", pauses.append)
+def test_slots_are_refused_when_full_and_free_again_once_the_task_has_ended(ledger):
+    first, second, third = (uploaded_case(ledger, name) for name in ("a", "b", "c"))
 
-    assert publish._take_slot("gpu:host/gpu0") == "6a0f2c3e-0000-4000-8000-000000000001"
+    assert take(ledger, first) is not None and take(ledger, second) is not None
+    assert take(ledger, third) is None  # full: the case tries its other groups, then waits
+    assert take(ledger, third, group="gpu1") is not None  # another group has room
+    assert ledger.slot_holders() == {("h", "gpu0"): 2, ("h", "gpu1"): 1}
 
-    assert busy_api.requests == ["/api/v2/concurrency_limits/increment-with-lease"] * 3
-    assert len(pauses) == 2 and max(pauses) < 0.5  # Prefect's own client waits 2 s and more per 503
+    ledger.record_submission(ledger.live_attempt(first.id).id, 7, actor="test", message="added")
+    ledger.transition(first.id, CaseState.DOWNLOADING, actor="test")  # the task ended: the GPU is free
+    assert ledger.slot_holders() == {("h", "gpu0"): 1, ("h", "gpu1"): 1}
+    fourth = uploaded_case(ledger, "d")
+    assert take(ledger, fourth) is not None
 
 
-def test_slots_are_refused_when_full_and_free_again_once_given_back(prefect_server):
+def test_a_cancelled_case_is_never_admitted(ledger):
+    case = uploaded_case(ledger, "a")
+    ledger.request_cancel(case.id, actor="test", reason="not needed")
+
+    with pytest.raises(CaseMovedOn):
+        take(ledger, case)
+    assert ledger.slot_holders() == {}
+
+
+def test_a_task_added_as_the_cancel_came_is_reported_for_killing(ledger):
+    case = uploaded_case(ledger, "a")
+    attempt = take(ledger, case)
+    ledger.request_cancel(case.id, actor="test", reason="not needed")  # killing: its task may be on its way
+
+    with pytest.raises(CaseMovedOn):
+        ledger.record_submission(attempt.id, 12, actor="run", message="added")
+    assert ledger.get_attempt(attempt.id).task_id == 12  # kept, so that the kill finds it
+    assert ledger.slot_holders() == {("h", "gpu0"): 1}  # held until the kill is confirmed
+    assert ledger.confirm_kill(case.id, attempt.id, actor="run", message="killed").state is CaseState.CANCELLED
+    assert ledger.slot_holders() == {}
+
+
+def test_two_processes_never_take_more_slots_than_a_group_has(ledger_url):
+    """Admissions from separate connections at once (two worker processes): the group's row lock
+    lets one count at a time, on SQLite and on PostgreSQL."""
+    with Ledger.open(ledger_url) as setup:
+        cases = [uploaded_case(setup, f"case-{i}") for i in range(12)]
+    ledgers = [Ledger.open(ledger_url) for _ in range(4)]
+    taken = []
+    start = threading.Barrier(len(ledgers))
+
+    def admit(ledger: Ledger, mine) -> None:
+        start.wait()
+        for case in mine:
+            if take(ledger, case, capacity=3) is not None:
+                taken.append(case.id)
+
+    threads = [threading.Thread(target=admit, args=(ledger, cases[i::4])) for i, ledger in enumerate(ledgers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert len(taken) == 3
+        assert ledgers[0].slot_holders() == {("h", "gpu0"): 3}
+    finally:
+        for ledger in ledgers:
+            ledger.close()
+
+
+def test_prefect_limits_are_repaired_from_the_ledger(prefect_server, tmp_path):
+    """What a restart of the Prefect server leaves (slots counted that no lease will ever give
+    back) is put right by the next repair, and the limits follow the ledger as slots change."""
     from prefect import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
-    name = gpu_limit_name(f"slots-test-{threading.get_ident()}", "gpu0")
-    with get_client(sync_client=True) as client:
-        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=2))
+    from tasks.publish import repair_gpu_limits
+    from tests.support.cases import local_host, settings_for, start, unique_host, wait_for
 
-    first, second = publish._take_slot(name), publish._take_slot(name)
-    assert first and second and first != second
-    assert publish._take_slot(name) is None  # full: the case tries its other groups, then waits
-    publish._release_lease(first)
-    third = publish._take_slot(name)
-    assert third is not None
-    for lease in (second, third):
-        publish._release_lease(lease)
+    host = local_host(tmp_path, groups=({"name": "gpu0", "slots": 1}, {"name": "gpu1", "slots": 1}))
+    host["name"] = unique_host(tmp_path, "slots")
+    site = start(settings_for(tmp_path, [host]))
+    names = [gpu_limit_name(host["name"], group) for group in ("gpu0", "gpu1")]
+
+    def active_slots() -> list[int]:
+        with get_client(sync_client=True) as client:
+            return [client.read_global_concurrency_limit_by_name(name).active_slots for name in names]
+
+    with get_client(sync_client=True) as client:  # as a server restart leaves them: both GPUs taken
+        for name in names:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=1))
+    case, _ = site.ledger.register_case(tmp_path / "inbox" / "a")
+    site.ledger.transition(case.id, CaseState.UPLOADING, actor="test")
+    site.ledger.take_slot(case.id, host=host["name"], group="gpu1", capacity=1, label_of=str, remote_dir="/w")
+
+    notes = repair_gpu_limits(site)
+
+    assert active_slots() == [0, 1]
+    assert len(notes) == 1 and "gpu0" in notes[0]
+    site.ledger.request_cancel(case.id, actor="test", reason="done with it")
+    site.ledger.confirm_kill(case.id, site.ledger.live_attempt(case.id).id, actor="test", message="killed")
+    wait_for(lambda: active_slots() == [0, 0], timeout=30, what="the limit to show the slot given back")

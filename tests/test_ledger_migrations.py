@@ -113,7 +113,7 @@ def test_an_old_database_is_upgraded_with_its_data_intact(ledger_url):
         assert "pinned_host" not in {c["name"] for c in inspect(old.engine).get_columns("cases")}
 
     with Ledger.open(ledger_url) as upgraded:
-        assert upgraded.schema_revision() == HEAD_REVISION == "0002"
+        assert upgraded.schema_revision() == HEAD_REVISION == "0003"
         case = upgraded.find_case("aaaaaaaaaaaa")
         assert (case.id, case.source, case.state, case.created_at) == (
             1,
@@ -139,6 +139,18 @@ def test_an_old_database_is_upgraded_with_its_data_intact(ledger_url):
         assert new_case.id == 2
         indexes = {ix["name"] for ix in inspect(upgraded.engine).get_indexes("cases")}
         assert "ix_cases_state" in indexes
+        assert not attempt.holds_slot and case.cancel_requested_at is None  # a finished attempt holds no GPU
+
+
+def test_attempts_live_at_the_upgrade_keep_their_gpu_slot(ledger_url):
+    """Installed while a case ran: its task may be on a GPU, so its attempt holds the slot."""
+    with Ledger.open(ledger_url, migrate=False) as old:
+        assert old.upgrade("0002") == "0002"
+        write_version_1_data(old)
+        with old.engine.begin() as connection:
+            connection.execute(text("UPDATE attempts SET result = NULL, ended_at = NULL"))
+    with Ledger.open(ledger_url) as upgraded:
+        assert upgraded.slot_holders() == {("gpu1", "g0"): 1}
 
 
 def test_the_models_match_the_migrated_schema(ledger):

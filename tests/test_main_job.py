@@ -268,7 +268,7 @@ def test_the_job_s_client_tries_a_busy_server_again_at_once_not_after_prefect_s_
 
     from prefect.client.orchestration import SyncPrefectClient
 
-    from flows.main_job import BUSY_RETRY_AFTER_SECONDS, JOB_CLIENT_SETTINGS
+    from tasks.publish import BUSY_RETRY_AFTER_SECONDS, PROMPT_CLIENT_SETTINGS
 
     answers = []
 
@@ -290,7 +290,7 @@ def test_the_job_s_client_tries_a_busy_server_again_at_once_not_after_prefect_s_
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         with SyncPrefectClient(f"http://127.0.0.1:{server.server_port}/api",
-                               httpx_settings=JOB_CLIENT_SETTINGS) as client:
+                               httpx_settings=PROMPT_CLIENT_SETTINGS) as client:
             started = time.monotonic()
             response = client._client.get("/hello")
             took = time.monotonic() - started

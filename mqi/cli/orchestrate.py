@@ -40,11 +40,11 @@ def start_site(settings: Settings):
     prepare_prefect(settings)
     from blocks import resolve_host_blocks
     from mqi.runtime import use_settings
-    from tasks.publish import ensure_gpu_limits
+    from tasks.publish import repair_gpu_limits
 
     settings = resolve_host_blocks(settings)
     site = use_settings(settings)
-    ensure_gpu_limits(settings)
+    repair_gpu_limits(site)
     return site
 
 

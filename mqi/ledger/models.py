@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -117,11 +118,14 @@ class CaseRow(Base):
     results_path: Mapped[str | None] = mapped_column(FolderPath())
     pinned_host: Mapped[str | None] = mapped_column(String(255))
     pinned_group: Mapped[str | None] = mapped_column(String(255))
+    # Set by a cancel before anything is killed: every later step of a run refuses to go on.
+    cancel_requested_at: Mapped[datetime | None]
 
 
 class AttemptRow(Base):
     __tablename__ = "attempts"
-    __table_args__ = (UniqueConstraint("case_id", "number"),)
+    __table_args__ = (UniqueConstraint("case_id", "number"),
+                      Index("ix_attempts_holds_slot_host_pueue_group", "holds_slot", "host", "pueue_group"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"))
@@ -137,6 +141,8 @@ class AttemptRow(Base):
     ended_at: Mapped[datetime | None]
     exit_code: Mapped[int | None] = mapped_column(Integer)
     result: Mapped[str | None] = mapped_column(String(16))  # None while the attempt is live
+    # One slot of its GPU group, from admission until the task is finished or killed.
+    holds_slot: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class EventRow(Base):

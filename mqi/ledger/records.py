@@ -29,6 +29,7 @@ class Case:
     results_path: str | None
     pinned_host: str | None
     pinned_group: str | None
+    cancel_requested_at: datetime | None  # a cancel was asked for: no step may go on
 
     @property
     def folder(self) -> Path:
@@ -51,6 +52,7 @@ class Case:
             results_path=row.results_path,
             pinned_host=row.pinned_host,
             pinned_group=row.pinned_group,
+            cancel_requested_at=row.cancel_requested_at,
         )
 
 
@@ -70,6 +72,7 @@ class Attempt:
     ended_at: datetime | None
     exit_code: int | None
     result: AttemptResult | None  # None while the attempt is live
+    holds_slot: bool  # one slot of its GPU group, until its task is finished or killed
 
     @property
     def live(self) -> bool:
@@ -93,6 +96,7 @@ class Attempt:
             ended_at=row.ended_at,
             exit_code=row.exit_code,
             result=_optional(AttemptResult, row.result),
+            holds_slot=row.holds_slot,
         )
 
 

@@ -46,14 +46,16 @@ class AttemptResult(enum.StrEnum):
 S = CaseState
 ALLOWED_TRANSITIONS: Mapping[CaseState, frozenset[CaseState]] = {
     S.PENDING: frozenset({S.UPLOADING, S.FAILED, S.CANCELLED}),
-    # back to pending: the upload broke off and the case waits for a slot again
-    S.UPLOADING: frozenset({S.QUEUED, S.PENDING, S.FAILED, S.CANCELLED}),
+    # back to pending: the upload broke off and the case waits for a slot again;
+    # killing: cancelled after its slot was taken, while its task may be on its way to pueue
+    S.UPLOADING: frozenset({S.QUEUED, S.PENDING, S.FAILED, S.CANCELLED, S.KILLING}),
     # queued -> downloading: the task started and finished between two polls
     S.QUEUED: frozenset({S.RUNNING, S.DOWNLOADING, S.PENDING, S.FAILED, S.KILLING, S.CANCELLED}),
     # running -> pending: the task was lost and the case is submitted again
     S.RUNNING: frozenset({S.DOWNLOADING, S.FAILED, S.KILLING, S.PENDING}),
     S.KILLING: frozenset({S.FAILED, S.CANCELLED}),
-    S.DOWNLOADING: frozenset({S.COMPLETED, S.FAILED, S.PENDING}),
+    # cancelled: the task is over, the results are not kept
+    S.DOWNLOADING: frozenset({S.COMPLETED, S.FAILED, S.PENDING, S.CANCELLED}),
     # a finished case goes back to pending only to be retried, as a new attempt
     S.COMPLETED: frozenset({S.PENDING}),
     S.FAILED: frozenset({S.PENDING}),
@@ -63,6 +65,10 @@ del S
 
 FINISHED_STATES = frozenset({CaseState.COMPLETED, CaseState.FAILED, CaseState.CANCELLED})
 ACTIVE_STATES = frozenset(CaseState) - FINISHED_STATES
+# The states in which a case's attempt may hold a GPU slot: admitted (still uploading, its task
+# on its way), in pueue, or being killed. Moving to any other state gives the slot back in the
+# same transaction.
+SLOT_STATES = frozenset({CaseState.UPLOADING, CaseState.QUEUED, CaseState.RUNNING, CaseState.KILLING})
 
 
 class IllegalTransition(MqiError):

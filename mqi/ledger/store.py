@@ -35,6 +35,7 @@ from mqi.ledger.models import AttemptRow, CaseRow, EventRow, GpuGroupRow, as_utc
 from mqi.ledger.records import Attempt, Case, CaseOverview, Event, GpuGroup
 from mqi.ledger.states import (
     FINISHED_STATES,
+    SLOT_STATES,
     AttemptResult,
     CaseState,
     FailureCategory,
@@ -49,6 +50,8 @@ UID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648 base32, lower case
 UID_LENGTH = 12
 _UID_PATTERN = re.compile(f"[{UID_ALPHABET}]{{{UID_LENGTH}}}")
 _WRITE_ATTEMPTS = 8
+# Where a write transaction notes the GPU groups whose slot count it changed (session.info).
+SLOTS_CHANGED = "mqi_slots_changed"
 # Attempt fields a caller may fill in after submission (e.g. the task id pueue gave back).
 UPDATABLE_ATTEMPT_FIELDS = {
     "task_id": "pueue_task_id",
@@ -66,6 +69,15 @@ class CaseNotFound(LedgerError):
 
 class AttemptNotFound(LedgerError):
     """No attempt has this id."""
+
+
+class CaseMovedOn(LedgerError):
+    """A step's check-and-set found the case no longer where the step expected it (a cancel,
+    or another run moved it on): the step did nothing."""
+
+
+class CaseFinished(LedgerError):
+    """The case is completed, failed or cancelled: there is nothing to cancel."""
 
 
 def new_uid() -> str:
@@ -91,6 +103,8 @@ class Ledger:
         self._clock = clock
         #: called with (case, from_state, attempt_id) after each committed transition
         self.transition_listeners: list[Callable[[Case, CaseState, int | None], None]] = []
+        #: called with (host, group) after a commit that took or gave back a slot of that group
+        self.slot_listeners: list[Callable[[str, str], None]] = []
 
     @classmethod
     def open(cls, url: str, *, clock: Clock = utc_now, migrate: bool = True) -> Ledger:
@@ -158,11 +172,18 @@ class Ledger:
     def _write(self, work: Callable[[Session], T]) -> T:
         """Run `work` in one write transaction, again from the start if it lost a lock race."""
 
-        def transaction() -> T:
-            with Session(self._writer) as session, session.begin():
-                return work(session)
+        changed: list[tuple[str, str]] = []
 
-        return _retrying(transaction)
+        def transaction() -> T:
+            changed.clear()
+            with Session(self._writer) as session, session.begin():
+                result = work(session)
+                changed.extend(session.info.get(SLOTS_CHANGED, []))
+                return result
+
+        result = _retrying(transaction)
+        self._slots_changed(changed)  # after the commit: only what is recorded
+        return result
 
     # -- cases ----------------------------------------------------------------------
 
@@ -280,46 +301,216 @@ class Ledger:
         failure_category: FailureCategory | str | None = None,
         failure_message: str | None = None,
         results_path: PathLike | None = None,
-    ) -> Case:
+        only_from: Iterable[CaseState] | None = None,
+        finish: AttemptResult | str | None = None,
+        exit_code: int | None = None,
+    ) -> Case | None:
         """Move a case to `to_state` and record the event, in one transaction.
 
         Raises IllegalTransition (and changes nothing) when the state machine forbids the
-        move. Moving to `failed` needs a failure category; `cancelled` implies one. A case
-        that comes to rest (pending, completed, failed, cancelled) must have no live
-        attempt: finish it first with `finish_attempt`.
+        move. `only_from` makes it a check-and-set: when the case is in none of those states
+        (a cancel, another run moved it on) nothing changes and None is returned. `finish`
+        ends the live attempt (`attempt_id`, else the case's live one) with that result in
+        the same transaction. Moving to `failed` needs a failure category; `cancelled`
+        implies one. A case that comes to rest (pending, completed, failed, cancelled) must
+        have no live attempt; a case leaving the states that hold a GPU slot gives its slot
+        back in the same transaction.
         """
         target = CaseState(to_state)
         category = _failure_category_for(target, failure_category)
+        expected = None if only_from is None else frozenset(CaseState(s) for s in only_from)
 
-        def move(session: Session) -> Case:
+        def move(session: Session) -> tuple[Case, CaseState, int | None] | None:
             row = _case_row(session, case_id, for_update=True)
             source = CaseState(row.state)
+            if expected is not None and source not in expected:
+                return None
             check_transition(case_id, source, target)
-            if attempt_id is not None:
-                _attempt_row_of_case(session, attempt_id, case_id)
-            if target is CaseState.PENDING or target in FINISHED_STATES:
-                _require_no_live_attempt(session, case_id, f"moving the case to {target}")
-            now = self._now()
-            row.state = target
-            row.updated_at = now
-            # Only a failed or cancelled case carries a failure; the event keeps old ones.
-            keeps_failure = target in (CaseState.FAILED, CaseState.CANCELLED)
-            row.failure_category = category if keeps_failure else None
-            row.failure_message = failure_message if keeps_failure else None
-            if target is CaseState.COMPLETED:
-                row.progress = 100
-            elif target is CaseState.PENDING:
-                row.progress = 0
-            if results_path is not None:
-                row.results_path = os.fsdecode(results_path)
+            attempt = _attempt_row_of_case(session, attempt_id, case_id) if attempt_id is not None else None
+            if finish is not None:
+                attempt = attempt or _live_attempt_row(session, case_id)
+                if attempt is not None:
+                    _finish(attempt, AttemptResult(finish), exit_code, self._now())
             note = _event_message(message, failure_category, failure_message)
-            session.add(_event(case_id, now, source, target, actor, note, attempt_id))
-            return Case.from_row(row), source
+            self._move(session, row, target, actor, note, attempt.id if attempt else attempt_id,
+                       category=category, failure_message=failure_message, results_path=results_path)
+            return Case.from_row(row), source, attempt.id if attempt else attempt_id
 
-        case, source = self._write(move)
+        moved = self._write(move)
+        if moved is None:
+            return None
+        self._announce(*moved)
+        return moved[0]
+
+    def _move(self, session: Session, row: CaseRow, target: CaseState, actor: str, note: str,
+              attempt_id: int | None, *, category: FailureCategory | None = None,
+              failure_message: str | None = None, results_path: PathLike | None = None) -> None:
+        """The state change itself, inside the caller's transaction (the row is locked)."""
+        source = CaseState(row.state)
+        check_transition(row.id, source, target)
+        if target is CaseState.PENDING or target in FINISHED_STATES:
+            _require_no_live_attempt(session, row.id, f"moving the case to {target}")
+        released = []
+        if target not in SLOT_STATES:
+            for holder in session.scalars(select(AttemptRow).where(AttemptRow.case_id == row.id,
+                                                                   AttemptRow.holds_slot)):
+                holder.holds_slot = False
+                released.append((holder.host, holder.pueue_group))
+        now = self._now()
+        row.state = target
+        row.updated_at = now
+        # Only a failed or cancelled case carries a failure; the event keeps old ones.
+        keeps_failure = target in (CaseState.FAILED, CaseState.CANCELLED)
+        row.failure_category = category if keeps_failure else None
+        row.failure_message = failure_message if keeps_failure else None
+        if target is CaseState.COMPLETED:
+            row.progress = 100
+        elif target is CaseState.PENDING:
+            row.progress = 0
+            row.cancel_requested_at = None  # a retry starts afresh
+        if results_path is not None:
+            row.results_path = os.fsdecode(results_path)
+        session.add(_event(row.id, now, source, target, actor, note, attempt_id))
+        session.info.setdefault(SLOTS_CHANGED, []).extend(released)
+
+    def _announce(self, case: Case, source: CaseState, attempt_id: int | None) -> None:
         for listener in self.transition_listeners:  # after the commit: only what is recorded
             listener(case, source, attempt_id)
+
+    def _slots_changed(self, groups: Iterable[tuple[str, str]]) -> None:
+        for host, group in set(groups):
+            for listener in self.slot_listeners:
+                listener(host, group)
+
+    # -- the steps of a run, each one check-and-set ------------------------------------
+
+    def request_cancel(self, case_id: int, *, actor: str, reason: str) -> tuple[Case, Attempt | None]:
+        """Record a cancel before anything is killed; the case and what is left to kill.
+
+        A case with no live attempt, or whose task is already over (downloading), is
+        cancelled at once. One whose task may be on a host moves to `killing` and keeps its
+        slot: (case, attempt) is returned, and the attempt's task must be killed and the
+        kill confirmed (`confirm_kill`). Raises CaseFinished for a finished case.
+        """
+
+        def cancel(session: Session) -> tuple[Case, CaseState, Attempt | None]:
+            row = _case_row(session, case_id, for_update=True)
+            source = CaseState(row.state)
+            if source in FINISHED_STATES:
+                raise CaseFinished(f"case {row.name} is already {source}")
+            now = self._now()
+            if row.cancel_requested_at is None:
+                row.cancel_requested_at = now
+            live = _live_attempt_row(session, case_id)
+            if live is None or source is CaseState.DOWNLOADING:
+                if live is not None:
+                    _finish(live, AttemptResult.CANCELLED, None, now)
+                self._move(session, row, CaseState.CANCELLED, actor, reason, live.id if live else None,
+                           category=FailureCategory.CANCELLED)
+                return Case.from_row(row), source, None
+            if source is not CaseState.KILLING:
+                self._move(session, row, CaseState.KILLING, actor, reason, live.id)
+            return Case.from_row(row), source, Attempt.from_row(live)
+
+        case, source, attempt = self._write(cancel)
+        if case.state is not source:
+            self._announce(case, source, attempt.id if attempt else None)
+        return case, attempt
+
+    def confirm_kill(self, case_id: int, attempt_id: int, *, actor: str, message: str) -> Case | None:
+        """The attempt's task is confirmed gone: it ends, its slot is given back, and the case
+        is cancelled (a cancel was asked for) or failed by its timeout. None when the case had
+        already moved on (another killer confirmed first)."""
+
+        def confirm(session: Session) -> tuple[Case, CaseState] | None:
+            row = _case_row(session, case_id, for_update=True)
+            if row.state != CaseState.KILLING:
+                return None
+            attempt = _attempt_row_of_case(session, attempt_id, case_id)
+            cancelled = row.cancel_requested_at is not None
+            result = AttemptResult.CANCELLED if cancelled else AttemptResult.TIMEOUT
+            _finish(attempt, result, None, self._now())
+            if cancelled:
+                self._move(session, row, CaseState.CANCELLED, actor, message, attempt_id,
+                           category=FailureCategory.CANCELLED)
+            else:
+                self._move(session, row, CaseState.FAILED, actor, _event_message(message, FailureCategory.TIMEOUT,
+                           message), attempt_id, category=FailureCategory.TIMEOUT, failure_message=message)
+            return Case.from_row(row), CaseState.KILLING
+
+        confirmed = self._write(confirm)
+        if confirmed is None:
+            return None
+        self._announce(*confirmed, attempt_id)
+        return confirmed[0]
+
+    def take_slot(self, case_id: int, *, host: str, group: str, capacity: int,
+                  label_of: Callable[[int], str], remote_dir: str, flow_run_id: str | None = None) -> Attempt | None:
+        """Admit an uploaded case to one slot of a GPU group: its new attempt, holding the slot.
+
+        One transaction checks that the case is still `uploading` with no cancel asked for
+        (else CaseMovedOn) and that the group has a free slot (else None), and writes the
+        attempt. Holders of one group are counted under a lock on the group's row, so two
+        processes never both take its last slot. `label_of(number)` names the attempt's task.
+        """
+
+        def admit(session: Session) -> Attempt | None:
+            _gpu_group_row(session, host, group)  # locked: one admission to this group at a time
+            row = _case_row(session, case_id, for_update=True)
+            if row.state != CaseState.UPLOADING or row.cancel_requested_at is not None:
+                raise CaseMovedOn(f"case {row.name} is {row.state}, no longer waiting for a GPU slot")
+            _require_no_live_attempt(session, case_id, "taking a GPU slot")
+            held = session.scalar(select(func.count()).select_from(AttemptRow).where(
+                AttemptRow.holds_slot, AttemptRow.host == host, AttemptRow.pueue_group == group))
+            if held >= capacity:
+                return None
+            number = (session.scalar(select(func.max(AttemptRow.number)).where(AttemptRow.case_id == case_id))
+                      or 0) + 1
+            attempt = AttemptRow(case_id=case_id, number=number, host=host, pueue_group=group,
+                                 pueue_label=label_of(number), remote_dir=remote_dir,
+                                 flow_run_id=None if flow_run_id is None else str(flow_run_id),
+                                 submitted_at=self._now(), holds_slot=True)
+            session.add(attempt)
+            session.flush()
+            session.info.setdefault(SLOTS_CHANGED, []).append((host, group))
+            return Attempt.from_row(attempt)
+
+        try:
+            return self._write(admit)
+        except IntegrityError:  # another process made the group's row first: it is there now
+            return self._write(admit)
+
+    def record_submission(self, attempt_id: int, task_id: int, *, actor: str, message: str) -> Case:
+        """The task of a live attempt is in the queue: its id is kept and the case is `queued`.
+
+        The id is kept whatever happened meanwhile, so a kill can find the task; a case that
+        was cancelled in the meantime raises CaseMovedOn after the commit (the caller kills
+        the task it has just added). A resumed submission of a case already queued is a no-op.
+        """
+
+        def record(session: Session) -> tuple[Case, CaseState]:
+            attempt = _attempt_row(session, attempt_id)
+            row = _case_row(session, attempt.case_id, for_update=True)
+            source = CaseState(row.state)
+            if attempt.result is None and attempt.pueue_task_id is None:
+                attempt.pueue_task_id = task_id
+            if source is CaseState.UPLOADING and attempt.result is None:
+                self._move(session, row, CaseState.QUEUED, actor, message, attempt_id)
+            return Case.from_row(row), source
+
+        case, source = self._write(record)
+        if case.state is not source:
+            self._announce(case, source, attempt_id)
+        elif case.state not in (CaseState.QUEUED, CaseState.RUNNING):
+            raise CaseMovedOn(f"case {case.name} is {case.state}: its task {task_id} must not run")
         return case
+
+    def slot_holders(self) -> dict[tuple[str, str], int]:
+        """GPU slots held now, per (host, group): the truth Prefect's limits are repaired from."""
+        query = (select(AttemptRow.host, AttemptRow.pueue_group, func.count()).where(AttemptRow.holds_slot)
+                 .group_by(AttemptRow.host, AttemptRow.pueue_group))
+        with self._reading() as session:
+            return {(host, group): count for host, group, count in session.execute(query)}
 
     def set_progress(self, case_id: int, percent: int) -> Case:
         if not 0 <= percent <= 100:
@@ -440,9 +631,7 @@ class Ledger:
                 raise LedgerError(
                     f"attempt {attempt_id} already ended as {row.result}, not {outcome}"
                 )
-            row.result = outcome
-            row.exit_code = exit_code
-            row.ended_at = self._now() if ended_at is None else as_utc(ended_at)
+            _finish(row, outcome, exit_code, self._now() if ended_at is None else as_utc(ended_at))
             return Attempt.from_row(row)
 
         return self._write(store)
@@ -461,6 +650,12 @@ class Ledger:
                 select(AttemptRow).where(AttemptRow.case_id == case_id).order_by(AttemptRow.number)
             )
             return [Attempt.from_row(row) for row in rows]
+
+    def attempt_by_label(self, label: str) -> Attempt | None:
+        """The attempt whose task carries this label, if this ledger has one."""
+        with self._reading() as session:
+            row = session.scalar(select(AttemptRow).where(AttemptRow.pueue_label == label))
+            return None if row is None else Attempt.from_row(row)
 
     def get_attempt(self, attempt_id: int) -> Attempt:
         with self._reading() as session:
@@ -518,6 +713,29 @@ def _retrying(transaction: Callable[[], T]) -> T:
                 raise
             time.sleep(0.05 * 2**attempt * (0.5 + secrets.randbelow(100) / 100))
     raise AssertionError("unreachable")
+
+
+def _finish(row: AttemptRow, result: AttemptResult, exit_code: int | None, at: datetime) -> None:
+    """An attempt ends: its result is final and it holds no GPU slot any more."""
+    row.result = result
+    row.exit_code = exit_code
+    row.ended_at = at
+    if row.holds_slot:
+        row.holds_slot = False
+        session = Session.object_session(row)
+        session.info.setdefault(SLOTS_CHANGED, []).append((row.host, row.pueue_group))
+
+
+def _gpu_group_row(session: Session, host: str, group: str) -> GpuGroupRow:
+    """The group's row, locked; made on first use (a group may be configured after the ledger)."""
+    query = select(GpuGroupRow).where(GpuGroupRow.host == host, GpuGroupRow.pueue_group == group)
+    row = session.scalar(query.with_for_update())
+    if row is None:
+        session.add(GpuGroupRow(host=host, pueue_group=group, slots=0, devices=[], active=True,
+                                updated_at=utc_now()))
+        session.flush()  # two first admissions at once: the loser's unique-key error runs it again
+        row = session.scalar(query.with_for_update())
+    return row
 
 
 def _attempt_value(name: str, value: object) -> object:

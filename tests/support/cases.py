@@ -35,10 +35,10 @@ def settings_for(tmp_path: Path, hosts: list[dict], **case) -> Settings:
 
 
 def start(settings: Settings):
-    from tasks.publish import ensure_gpu_limits
+    from tasks.publish import repair_gpu_limits
 
     site = use_settings(settings)
-    ensure_gpu_limits(settings)
+    repair_gpu_limits(site)
     return site
 
 
