@@ -46,7 +46,7 @@ def register(site: Site, ref: str, actor: str) -> Case:
     path = Path(ref).expanduser()
     if path.is_dir():
         case, _ = site.ledger.register_case(path.resolve(), actor=actor)
-        fault_point("after-register")
+        fault_point("after-register", case.name)
         return case
     return site.ledger.find_case(ref)
 
@@ -152,6 +152,7 @@ def _upload(site: Site, case: Case, placement: Placement, actor: str) -> bool:
     if moved is None and site.ledger.get_case(case.id).state is not CaseState.UPLOADING:  # else resuming
         raise CaseMovedOn(f"case {case.name} was cancelled before its upload")
     remote_dir = site.remote_case_dir(placement.host, case.uid)
+    fault_point("before-upload", case.name)
     try:
         transfer.upload_case(
             site.transport(placement.host.name),
@@ -160,7 +161,7 @@ def _upload(site: Site, case: Case, placement: Placement, actor: str) -> bool:
             timeout=site.settings.transfer.timeout_seconds,
             may_be_there=uploaded_before,
         )
-        fault_point("after-upload")
+        fault_point("after-upload", case.name)
     except transfer.CaseInputError as exc:
         fail_case(site, case, None, FailureCategory.INPUT, str(exc), actor)
         return False
@@ -221,7 +222,7 @@ def submit(site: Site, case: Case, attempt: Attempt, actor: str, *, resumed: boo
     A task added in the instant a cancel came is killed at once, and the kill confirmed."""
     placement = site.placement(attempt.host, attempt.group)
     task_id = site.queue(placement.host.name).submit(_request(site, case, attempt, placement), adopt=resumed)
-    fault_point("after-add")
+    fault_point("after-add", case.name)
     site.status(placement.host.name).invalidate()
     try:
         site.ledger.record_submission(attempt.id, task_id, actor=actor,
@@ -326,7 +327,7 @@ class Waiter:
                 return MOVED_ON
             if task.finished:
                 return outcome_of(task)
-            fault_point("while-waiting")
+            fault_point("while-waiting", self.case.name)
             self._update_progress(task)
             # Until the snapshot just read is due again, so that the time spent on this round
             # (the status call itself, progress) is not added to the poll interval.
@@ -393,6 +394,7 @@ def kill(site: Site, case: Case, attempt: Attempt, actor: str, reason: str = "")
     case stays `killing` and the kill is tried again."""
     if attempt.task_id is None and site.ledger.get_case(case.id).state is CaseState.KILLING:
         attempt = site.ledger.get_attempt(attempt.id)  # its run may have recorded the task meanwhile
+    fault_point("before-kill", case.name)
     try:  # by id and label; without an id (a crash right after `pueue add`), by label
         outcome = site.queue(attempt.host).kill(attempt.task_id, attempt.label)
         confirmed, message = outcome.confirmed, outcome.message
@@ -443,12 +445,13 @@ def fetch_results(site: Site, case: Case, attempt: Attempt, actor: str) -> None:
     dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # results are patient data: owner only
     remote_output = f"{attempt.remote_dir}/{site.settings.case.output_subdir}"
     transport = site.transport(attempt.host)
+    fault_point("before-download", case.name)
     try:
         transfer.download_results(transport, remote_output, dest, timeout=site.settings.transfer.timeout_seconds)
     except transfer.RemoteResultsMissing as exc:  # else resumed and refetched forever
         _fail_without_results(site, case, attempt, str(exc), actor)
         return
-    fault_point("after-download")
+    fault_point("after-download", case.name)
     completed = site.ledger.transition(case.id, CaseState.COMPLETED, actor=actor, attempt_id=attempt.id,
                                        only_from={CaseState.DOWNLOADING}, finish=AttemptResult.SUCCESS, exit_code=0,
                                        results_path=dest, message=f"results in {dest}")
