@@ -88,10 +88,9 @@ def cancel(case: Annotated[str, typer.Argument(help="id, uid or folder")]) -> No
     from mqi import casework
 
     record = site.ledger.find_case(case)
-    if record.state.value in ("completed", "failed", "cancelled"):
-        raise UserError(f"case {record.name} is already {record.state.value}")
-    if not casework.cancel(site, record, "cli", "cancelled from the command line"):
-        raise UserError(f"case {record.name}: the kill could not be confirmed; reconcile retries it")
+    if not casework.cancel(site, record, "cli", "cancelled from the command line"):  # a finished case: an error
+        raise UserError(f"case {record.name}: cancel recorded, but the kill of its task could not be confirmed "
+                        "yet; its run (or reconcile) tries again until it is")
     typer.echo(f"case {record.name}: cancelled")
 
 
@@ -102,12 +101,13 @@ def retry(
 ) -> None:
     """Queue a finished case again as a new attempt; earlier attempts stay as they were."""
     site = start_site(current_settings())
-    from mqi.ledger.states import CaseState
+    from mqi.ledger.states import FINISHED_STATES, CaseState
 
     record = site.ledger.find_case(case)
-    if record.state.value not in ("completed", "failed", "cancelled"):
-        raise UserError(f"case {record.name} is {record.state.value}: only a finished case can be retried")
-    site.ledger.transition(record.id, CaseState.PENDING, actor="cli", message="retry requested")
+    if site.ledger.transition(record.id, CaseState.PENDING, actor="cli", message="retry requested",
+                              only_from=FINISHED_STATES) is None:
+        state = site.ledger.get_case(record.id).state
+        raise UserError(f"case {record.name} is {state.value}: only a finished case can be retried")
     typer.echo(f"case {record.name}: pending again (attempt {len(site.ledger.attempts(record.id)) + 1} next)")
     if now:
         from flows.process_case import process_case
