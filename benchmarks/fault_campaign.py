@@ -29,7 +29,6 @@ DATA_LOSS = re.compile(r"tree_digest|partial|results visible before")
 
 FAULTS = {
     "test_killed_at_each_step_the_case_completes_once": "orchestrator SIGKILLed {}",
-    "test_dead_holders_slot_is_given_back": "SIGKILL while holding the only GPU slot",
     "test_cases_waiting_through_a_20_second_ssh_outage_all_complete": "sshd down 20 s while 3 cases wait",
     "test_connection_cut_mid_transfer_is_retried_and_verified": "SSH connections cut mid-{}",
     "test_pueue_daemon_restart_fails_the_case_and_reports_the_paused_group": "pueue daemon crash and restart",
