@@ -392,8 +392,7 @@ def kill(site: Site, case: Case, attempt: Attempt, actor: str, reason: str = "")
     """Kill the attempt's task of a case in `killing` and confirm it is gone; the case is then
     cancelled (a cancel was asked for) or failed by its timeout. False: not confirmed, the
     case stays `killing` and the kill is tried again."""
-    if attempt.task_id is None and site.ledger.get_case(case.id).state is CaseState.KILLING:
-        attempt = site.ledger.get_attempt(attempt.id)  # its run may have recorded the task meanwhile
+    attempt = site.ledger.get_attempt(attempt.id)  # its run may have recorded the task id meanwhile
     fault_point("before-kill", case.name)
     try:  # by id and label; without an id (a crash right after `pueue add`), by label
         outcome = site.queue(attempt.host).kill(attempt.task_id, attempt.label)

@@ -145,11 +145,18 @@ def emit_host_event(health: HostHealth) -> None:
 
 
 def publish_transitions(site: Site) -> None:
+    """Every Site of a process (`mqi run`, `mqi submit`, a worker's flow run) shows its cases
+    and slots in Prefect, starting with limits repaired from the ledger."""
     site.ledger.transition_listeners.append(
         lambda case, from_state, attempt_id: emit_state_event(site, case, from_state, attempt_id)
     )
     site.ledger.slot_listeners.append(LimitMirror(site).slot_changed)
     site.host_listeners.append(emit_host_event)
+    try:
+        for note in repair_gpu_limits(site):
+            log.warning("%s", note)
+    except Exception as exc:  # Prefect away: admission does not need it, the next repair puts it right
+        log.warning("could not repair the GPU limits in Prefect: %s", exc)
 
 
 site_hooks.append(publish_transitions)

@@ -36,16 +36,13 @@ def export_config_path() -> None:
 
 
 def start_site(settings: Settings):
-    """Prefect pointed at its server, hosts from saved blocks resolved, GPU limits in place."""
+    """Prefect pointed at its server, hosts from saved blocks resolved, GPU limits repaired."""
     prepare_prefect(settings)
     from blocks import resolve_host_blocks
     from mqi.runtime import use_settings
-    from tasks.publish import repair_gpu_limits
+    import tasks.publish  # noqa: F401 (its site hook shows cases and slots in Prefect, limits repaired)
 
-    settings = resolve_host_blocks(settings)
-    site = use_settings(settings)
-    repair_gpu_limits(site)
-    return site
+    return use_settings(resolve_host_blocks(settings))
 
 
 @app.command()
