@@ -50,6 +50,7 @@ LOG_LINES_IN_ERRORS = 20
 STARTUP_TIMEOUT = 90  # seconds; a first start migrates the database, and hosts may be busy
 STOP_TIMEOUT = 15.0  # seconds a server has to stop after SIGTERM before it is killed
 INIT_PID = 1
+PROC = Path("/proc")
 
 
 def prefect_home(settings: Settings) -> Path:
@@ -120,10 +121,10 @@ class ProcessIdentity:
     @classmethod
     def of(cls, pid: int) -> ProcessIdentity | None:
         """The process `pid` now, or None when there is none (or only a zombie)."""
+        if not PROC.is_dir():  # not Linux: no start time to tell a reused pid apart
+            return cls(pid, None) if _process_alive(pid) else None
         stat = _proc_stat(pid)
-        if stat is None:
-            return cls(pid, None) if not Path("/proc/self").exists() and _process_alive(pid) else None
-        return cls(pid, stat.started)
+        return None if stat is None else cls(pid, stat.started)
 
     def is_running(self) -> bool:
         now = ProcessIdentity.of(self.pid)
@@ -325,7 +326,8 @@ def _spawn(home: Path, port: int, log_path: Path) -> subprocess.Popen:
 
 def _end_process_group(leader: int, has_ended: Callable[[], bool], timeout: float) -> None:
     """SIGTERM the process group `leader` leads (start_new_session); SIGKILL it when the leader
-    has not ended within `timeout` seconds. Returns once the leader has ended (bounded)."""
+    has not ended within `timeout` seconds. Returns when the leader has ended, or `timeout`
+    seconds after the SIGKILL at the latest."""
     for signum, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, timeout)):
         if has_ended():
             return
@@ -411,7 +413,7 @@ class _ProcStat:
 def _proc_stat(pid: int) -> _ProcStat | None:
     """Parent and start time of a live process from /proc; None when it is gone or a zombie."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
+        text = (PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
     # The command name (2nd field) may hold spaces and parentheses: the rest follows the last ")".
@@ -436,6 +438,8 @@ def _signal_group(pid: int, signum: int) -> None:
         os.killpg(pid, signum)  # the server leads its own process group (start_new_session)
     except ProcessLookupError:
         pass
+    except PermissionError:
+        raise MqiError(f"not allowed to stop the Prefect server pid {pid}: it is another user's") from None
 
 
 def _log_tail(path: Path) -> str:
