@@ -129,12 +129,17 @@ def run() -> None:
     """The main job: scan the inbox, reconcile, and process cases until stopped (Ctrl-C)."""
     settings = current_settings()
     export_config_path()
-    # The lock first: a second `mqi run` is told who holds the inbox, not a port clash.
-    with hold_run_locks(settings), use_prefect(settings, embedded_server=True) as api_url:
-        log_file = setup_main_job_logging(settings)  # after use_prefect: Prefect's env is set
-        typer.echo(f"Prefect UI: {api_url.removesuffix('/api')}  (API {api_url})")
-        typer.echo(f"log file: {log_file}")
-        serve_until_stopped(settings)
+    # systemd's stop, the same as Ctrl-C from the start: one during the server's start stops it too.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        # The lock first: a second `mqi run` is told who holds the inbox, not a port clash.
+        with hold_run_locks(settings), use_prefect(settings, embedded_server=True, notify=typer.echo) as api_url:
+            log_file = setup_main_job_logging(settings)  # after use_prefect: Prefect's env is set
+            typer.echo(f"Prefect UI: {api_url.removesuffix('/api')}  (API {api_url})")
+            typer.echo(f"log file: {log_file}")
+            serve_until_stopped(settings)
+    except KeyboardInterrupt:
+        typer.echo("mqi run: stopped")
 
 
 def serve_until_stopped(settings: Settings) -> None:
@@ -142,11 +147,7 @@ def serve_until_stopped(settings: Settings) -> None:
     site = start_site(settings)
     from flows.main_job import MainJob
 
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)  # systemd's stop: the same as Ctrl-C
-    try:
-        MainJob(site, current_settings_inputs()).run()
-    except KeyboardInterrupt:
-        typer.echo("mqi run: stopped")
+    MainJob(site, current_settings_inputs()).run()
 
 
 def _stop_on_sigterm(signum, frame) -> None:
