@@ -19,7 +19,7 @@ def test_the_next_check_comes_one_poll_interval_after_the_last_status_not_after_
     case, _ = site.ledger.register_case(make_case(tmp_path, "case-w"))
     placement = casework.choose_placement(site, case)
     assert casework.upload(site, case, placement, "test")
-    attempt = casework.submit(site, case, placement, "test")
+    attempt = casework.admit_and_submit(site, case, [placement], "test")
     queue = site.queue(placement.host.name)
     read_quickly = queue.log_tails
 
