@@ -66,8 +66,12 @@ class InboxSettings(StrictModel):
 def _folder_problem(path: Path) -> str | None:
     """Why `path` cannot be used (or created) as a folder, or None."""
     for existing in (path, *path.parents):
-        if existing.exists():
-            if existing.is_dir():
+        try:
+            found, folder = existing.exists(), existing.is_dir()
+        except OSError as error:  # e.g. a parent folder this user may not enter
+            return f"{str(path)!r} cannot be checked: {error.strerror or error}"
+        if found:
+            if folder:
                 return None
             if existing == path:
                 return f"{str(path)!r} exists but is not a folder"

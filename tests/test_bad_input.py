@@ -464,6 +464,9 @@ def test_inbox_that_is_a_file_is_refused_by_config_check_and_run(tmp_path, user_
     code, output = config_check(tmp_path, "inbox: {path: inbox/cases}\n")
     assert code == 2 and f"inbox.path: '{inbox}/cases' cannot be created: '{inbox}' is not a folder" in output
 
+    code, output = config_check(tmp_path, f"inbox: {{path: {'x' * 300}}}\n")
+    assert code == 2 and "cannot be checked: File name too long" in output
+
     # a missing inbox stays fine: `mqi run` creates it
     code, output = config_check(tmp_path, "inbox: {path: new/inbox}\n")
     assert code == 0, output
