@@ -11,9 +11,12 @@ settings, and made absolute at once.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -26,7 +29,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from sqlalchemy.engine import make_url
 
 from mqi.errors import ConfigError
@@ -50,17 +53,50 @@ class InboxSettings(StrictModel):
     )
     scan_seconds: float = Field(10.0, gt=0, description="interval of the scan-inbox schedule")
 
+    @field_validator("path")
+    @classmethod
+    def _a_folder_or_none_yet(cls, path: Path) -> Path:
+        # A missing inbox is fine: `mqi run` creates it. A file in its place would stop the run.
+        problem = _folder_problem(path.expanduser().absolute())
+        if problem:
+            raise ValueError(problem)
+        return path
+
+
+def _folder_problem(path: Path) -> str | None:
+    """Why `path` cannot be used (or created) as a folder, or None."""
+    for existing in (path, *path.parents):
+        try:
+            found, folder = existing.exists(), existing.is_dir()
+        except OSError as error:  # e.g. a parent folder this user may not enter
+            return f"{str(path)!r} cannot be checked: {error.strerror or error}"
+        if found:
+            if folder:
+                return None
+            if existing == path:
+                return f"{str(path)!r} exists but is not a folder"
+            return f"{str(path)!r} cannot be created: {str(existing)!r} is not a folder"
+    return None
+
 
 class LedgerSettings(StrictModel):
     url: SecretStr = SecretStr("sqlite:///./mqi.db")
 
     @field_validator("url")
     @classmethod
-    def _parseable(cls, value: SecretStr) -> SecretStr:
+    def _usable(cls, value: SecretStr) -> SecretStr:
+        # Here, not when the ledger is opened: `mqi config check` names a wrong URL or driver.
+        # Imported when used: the ledger package stays free to import the settings.
+        from mqi.ledger.engine import LedgerError, parse_url
+
         try:
-            make_url(value.get_secret_value())
-        except Exception:
-            raise ValueError("not a database URL (e.g. sqlite:///./mqi.db or postgresql://host/db)") from None
+            url = parse_url(value.get_secret_value())
+        except LedgerError as error:
+            raise ValueError(str(error)) from None
+        if url.get_backend_name() == "sqlite" and url.database and not url.database.startswith("file:"):
+            problem = _folder_problem(Path(url.database).absolute().parent)
+            if problem:
+                raise ValueError(f"the SQLite ledger cannot be created: {problem}")
         return value
 
     def display_url(self) -> str:
@@ -277,16 +313,104 @@ class Settings(BaseSettings):
 
 
 def load_settings(explicit: Path | None = None) -> Settings:
-    """Read the settings, or raise ConfigError naming every problem found."""
+    """Read the settings, or raise ConfigError naming every problem found and where it is:
+    a dotted key of the file, or the `MQI_` variable that gave the value."""
     path, named = config_path(explicit)
     data = _read_yaml(path, required=named)
     try:
         return Settings(**data)
     except ValidationError as exc:
-        problems = [_describe(error, path) for error in exc.errors()]
+        errors = exc.errors()
+        located = [_locate(error, data) for error in errors]
+        problems = [_describe(error, where) for error, (where, _) in zip(errors, located)]
         # Pydantic skips list-level checks when an item is invalid; name duplicates anyway.
         problems += [p for p in _duplicate_names(data) if p not in problems]
-        raise ConfigError(problems) from None
+        in_environment = sum(from_variable for _, from_variable in located)
+        source = _source(path, from_file=len(problems) > in_environment, from_environment=in_environment > 0)
+        raise ConfigError(problems, source=source) from None
+    except SettingsError as exc:
+        raise ConfigError(_variables_not_json() or [str(exc)], source=ENVIRONMENT) from None
+
+
+ENVIRONMENT = "the MQI_ environment variables"
+
+
+def _source(path: Path, from_file: bool, from_environment: bool) -> str:
+    if from_environment:
+        return f"{path} and {ENVIRONMENT}" if from_file else ENVIRONMENT
+    return str(path)
+
+
+def _locate(error: dict[str, Any], file_data: dict[str, Any]) -> tuple[str, bool]:
+    """Where the value an error is about came from, and whether that is the environment:
+    `MQI_CASE__POLL_SECONDS`, `MQI_HOSTS: 0.name` (inside a variable's JSON), or the file's
+    dotted key `case.poll_seconds`."""
+    loc = error["loc"]
+    variable = _variable_behind(loc, file_data)
+    if variable is None:
+        return ".".join(str(part) for part in loc) or "(top level)", False
+    name, rest = variable
+    return (f"{name}: {'.'.join(str(part) for part in rest)}" if rest else name), True
+
+
+def _variable_behind(loc: tuple, file_data: dict[str, Any]) -> tuple[str, tuple] | None:
+    """The `MQI_` variable that gave the value at `loc` and the rest of `loc` inside its JSON
+    value, or None when the value is the file's. Names match in any case, as in pydantic-settings;
+    the environment wins over the file."""
+    names = {name.upper(): name for name in os.environ}
+    for end in range(len(loc), 0, -1):
+        name = names.get(ENV_PREFIX + "__".join(str(part) for part in loc[:end]).upper())
+        if name is not None:
+            rest = loc[end:]
+            # A section given whole as JSON is merged with the file's: the key may be the file's.
+            given = not rest or _holds(_json_or_none(os.environ[name]), rest) or not _holds(file_data, loc)
+            return (name, rest) if given else None
+    return None
+
+
+def _holds(data: Any, loc: tuple) -> bool:
+    for part in loc:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            data = data[part]
+        else:
+            return False
+    return True
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _variables_not_json() -> list[str]:
+    """pydantic-settings reads a whole section or list given in one variable (`MQI_CASE`,
+    `MQI_HOSTS`) as JSON, and stops at the first that is not."""
+    problems = []
+    for name, value in os.environ.items():
+        field = _COMPOUND_VARIABLES.get(name.upper())
+        if field is None:
+            continue
+        try:
+            json.loads(value)
+        except ValueError as error:
+            problems.append(f"{name}: not valid JSON ({error}); a whole '{field}' in one variable is JSON")
+    return problems
+
+
+def _is_compound(annotation: Any) -> bool:
+    return get_origin(annotation) is list or (isinstance(annotation, type) and issubclass(annotation, BaseModel))
+
+
+#: the variables that give a whole section or list, e.g. MQI_HOSTS -> hosts
+_COMPOUND_VARIABLES = {
+    ENV_PREFIX + name.upper(): name
+    for name, field in Settings.model_fields.items()
+    if _is_compound(field.annotation)
+}
 
 
 def _duplicate_names(data: dict[str, Any]) -> list[str]:
@@ -313,7 +437,9 @@ def _read_yaml(path: Path, *, required: bool) -> dict[str, Any]:
             raise ConfigError([f"config file {str(path)!r} not found"])
         return {}
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SettingsLoader)
+    except _DuplicateKeys as exc:
+        raise ConfigError([f"{path}: {problem}" for problem in exc.problems]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -328,11 +454,55 @@ def _read_yaml(path: Path, *, required: bool) -> dict[str, Any]:
     return data
 
 
-def _describe(error: dict[str, Any], path: Path) -> str:
-    location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+class _DuplicateKeys(Exception):
+    def __init__(self, problems: list[str]):
+        super().__init__(problems)
+        self.problems = problems
+
+
+class _SettingsLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping, where PyYAML would keep the
+    last silently (an edit appended below an old value that was meant to replace it)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        problems = [problem for _, problem in sorted(_duplicate_keys(node))]
+        if problems:
+            raise _DuplicateKeys(problems)
+        return super().construct_document(node)
+
+
+def _duplicate_keys(
+    node: yaml.Node, where: str = "", visited: set[int] | None = None
+) -> Iterator[tuple[int, str]]:
+    """(first line, problem) for every key that a mapping in `node` holds more than once."""
+    visited = set() if visited is None else visited
+    if id(node) in visited:  # an alias of a node already seen (or of one of its parents)
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            yield from _duplicate_keys(item, f"{where}[{index}]", visited)
+    elif isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], list[int]] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                lines.setdefault((key.tag, key.value), []).append(key.start_mark.line + 1)
+                yield from _duplicate_keys(value, f"{where}.{key.value}" if where else key.value, visited)
+        for (_, key), at in lines.items():
+            if len(at) > 1:
+                yield at[0], _key_given_more_than_once(key, where, at)
+
+
+def _key_given_more_than_once(key: str, where: str, lines: list[int]) -> str:
+    times = "twice" if len(lines) == 2 else f"{len(lines)} times"
+    listed = ", ".join(map(str, lines[:-1])) + f" and {lines[-1]}"
+    inside = f" in {where!r}" if where else ""
+    return f"key {key!r}{inside} appears {times} (lines {listed})"
+
+
+def _describe(error: dict[str, Any], where: str) -> str:
     if error["type"] == "extra_forbidden":
-        return f"{location}: unknown key"
-    message = error["msg"].removeprefix("Value error, ")
+        return f"{where}: unknown key"
     if error["type"] == "missing":
-        return f"{location}: required"
-    return f"{location}: {message}"
+        return f"{where}: required"
+    return f"{where}: {error['msg'].removeprefix('Value error, ')}"

@@ -7,16 +7,22 @@ queue refusals are checked where they enter. docs/reliability.md lists the catal
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import subprocess
+import sys
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from mqi.cli import full_app as cli_app
 from mqi.errors import ConfigError
+from mqi.ledger import Ledger, LedgerError
 from mqi.ledger.states import CaseState, FailureCategory
 from mqi.queue.pueue import PueueQueue
 from mqi.queue.pueue_json import PueueOutputError
@@ -374,3 +380,179 @@ def test_pin_to_an_unknown_group_is_refused_by_name(tmp_path):
     case, _ = site.ledger.register_case(good_case(_inbox(tmp_path), "pinned"))
     with pytest.raises(Exception, match="no configured group matches host='h' group='gpu9'"):
         casework.choose_placement(site, case, "h", "gpu9")
+
+
+# -- bad settings through the command line ----------------------------------------------------
+
+MQI = [sys.executable, "-m", "mqi.cli"]
+DB_PASSWORD = "CANARY-DB-PW"
+UNKNOWN_DRIVER_URL = f"postgresql+nodriver://mqi:{DB_PASSWORD}@db.example/mqi"
+
+
+@pytest.fixture
+def user_shell(tmp_path, monkeypatch):
+    """A user's shell in `tmp_path`: none of the test run's `MQI_` variables."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.upper().startswith("MQI_"):
+            monkeypatch.delenv(name)
+
+
+def mqi(*args: str, cwd: Path, **variables: str) -> subprocess.CompletedProcess:
+    """`mqi ARGS` in a process of its own, as a user types it: a traceback would be printed."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MQI_", "PREFECT_"))}
+    return subprocess.run([*MQI, *args], cwd=cwd, env=environment | variables,
+                          capture_output=True, text=True, timeout=120)
+
+
+def config_check(tmp_path: Path, text: str | None = None, **variables: str) -> tuple[int, str]:
+    """Exit code and output (stdout and stderr) of `mqi config check` on `text` as ./mqi.yaml.
+    In this process, for speed: an exception that would print a traceback fails the test."""
+    if text is not None:
+        write_yaml(tmp_path, text)
+    result = CliRunner().invoke(cli_app(), ["config", "check"], env=variables, catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_duplicate_keys_are_named_with_both_lines(tmp_path, user_shell):
+    code, output = config_check(tmp_path, """\
+        case:
+          poll_seconds: 2
+          timeout_hours: 1
+          poll_seconds: 3
+        hosts:
+          - name: a
+            groups:
+              - {name: g, slots: 1}
+              - name: h
+                slots: 1
+                slots: 2
+            name: b
+        timezone: UTC
+        timezone: Asia/Seoul
+        """)
+    assert code == 2
+    assert "mqi.yaml: key 'poll_seconds' in 'case' appears twice (lines 2 and 4)" in output
+    assert "mqi.yaml: key 'name' in 'hosts[0]' appears twice (lines 6 and 12)" in output
+    assert "mqi.yaml: key 'slots' in 'hosts[0].groups[1]' appears twice (lines 10 and 11)" in output
+    assert "mqi.yaml: key 'timezone' appears twice (lines 13 and 14)" in output
+
+    # the same mapping reached twice through an alias is not a key given twice
+    code, output = config_check(tmp_path, """\
+        hosts:
+          - {name: a, groups: &gpus [{name: g0}, {name: g1}]}
+          - {name: b, groups: *gpus}
+        """)
+    assert code == 0, output
+
+
+def test_inbox_that_is_a_file_is_refused_by_config_check_and_run(tmp_path, user_shell):
+    inbox = tmp_path / "inbox"
+    inbox.write_text("not a folder\n")
+    text = f"inbox: {{path: inbox}}\nledger: {{url: 'sqlite:///{tmp_path}/mqi.db'}}\n"
+    problem = f"inbox.path: '{inbox}' exists but is not a folder"
+
+    code, output = config_check(tmp_path, text)
+    assert code == 2 and problem in output
+
+    run = mqi("run", cwd=tmp_path)
+    assert run.returncode == 2
+    assert problem in run.stderr and "Traceback" not in run.stdout + run.stderr
+    assert inbox.read_text() == "not a folder\n"  # nothing lost
+    assert not (tmp_path / "mqi.db").exists()  # refused before anything was started
+
+    code, output = config_check(tmp_path, "inbox: {path: inbox/cases}\n")
+    assert code == 2 and f"inbox.path: '{inbox}/cases' cannot be created: '{inbox}' is not a folder" in output
+
+    code, output = config_check(tmp_path, f"inbox: {{path: {'x' * 300}}}\n")
+    assert code == 2 and "cannot be checked: File name too long" in output
+
+    # a missing inbox stays fine: `mqi run` creates it
+    code, output = config_check(tmp_path, "inbox: {path: new/inbox}\n")
+    assert code == 0, output
+
+
+BAD_LEDGER_URLS = {
+    "unknown driver": (UNKNOWN_DRIVER_URL, "ledger.url: unknown postgresql driver 'nodriver'"),
+    "unknown dialect": (f"foo://mqi:{DB_PASSWORD}@db.example/mqi", "the ledger supports SQLite and PostgreSQL, not 'foo'"),
+    "asynchronous driver": (f"postgresql+asyncpg://mqi:{DB_PASSWORD}@db.example/mqi",
+                            "the ledger needs a synchronous driver, not 'asyncpg'"),
+    "driver not installed": (f"postgresql+pg8000://mqi:{DB_PASSWORD}@db.example/mqi",
+                             "needs the database driver 'pg8000', which cannot be loaded (No module named 'pg8000')"),
+}
+
+
+@pytest.mark.parametrize("url,expected", BAD_LEDGER_URLS.values(), ids=BAD_LEDGER_URLS.keys())
+def test_ledger_url_with_an_unusable_driver_is_named_by_config_check(tmp_path, user_shell, url, expected):
+    code, output = config_check(tmp_path, f"ledger: {{url: '{url}'}}\n")
+    assert code == 2
+    assert expected in output
+    assert DB_PASSWORD not in output and "@db.example/mqi" in output  # shown, password masked
+
+
+def test_missing_postgres_driver_names_the_pip_extra(tmp_path, user_shell, monkeypatch):
+    # psycopg is installed here; a None in sys.modules makes `import psycopg` fail as if it were not.
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    code, output = config_check(tmp_path, f"ledger: {{url: 'postgresql://mqi:{DB_PASSWORD}@db.example/mqi'}}\n")
+    assert code == 2
+    assert "needs the database driver 'psycopg', which cannot be loaded" in output
+    assert "pip install 'mqi-communicator[postgres]'" in output
+    assert DB_PASSWORD not in output
+
+
+def test_sqlite_ledger_under_a_file_is_named_by_config_check(tmp_path, user_shell):
+    (tmp_path / "data").write_text("a file\n")
+    code, output = config_check(tmp_path, f"ledger: {{url: 'sqlite:///{tmp_path}/data/mqi.db'}}\n")
+    assert code == 2
+    assert f"ledger.url: the SQLite ledger cannot be created: '{tmp_path}/data' exists but is not a folder" in output
+
+    # the same when the file appears after the settings were read
+    with pytest.raises(LedgerError, match=f"cannot create the folder of the SQLite ledger {tmp_path}/data/mqi.db"):
+        Ledger.open(f"sqlite:///{tmp_path}/data/mqi.db")
+
+
+@pytest.mark.parametrize("source", ["file", "environment"])
+def test_status_with_an_unknown_ledger_driver_is_a_clear_error(tmp_path, source):
+    if source == "file":
+        write_yaml(tmp_path, f"ledger: {{url: '{UNKNOWN_DRIVER_URL}'}}\n")
+        result, where = mqi("status", cwd=tmp_path), "ledger.url"
+    else:
+        result, where = mqi("status", cwd=tmp_path, MQI_LEDGER__URL=UNKNOWN_DRIVER_URL), "MQI_LEDGER__URL"
+    assert result.returncode == 2
+    assert f"{where}: unknown postgresql driver 'nodriver'" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert DB_PASSWORD not in result.stdout + result.stderr
+
+
+BAD_VARIABLES = {
+    "ledger URL": ({"MQI_LEDGER__URL": UNKNOWN_DRIVER_URL}, "MQI_LEDGER__URL: unknown postgresql driver 'nodriver'"),
+    "lower-case name": ({"mqi_ledger__url": UNKNOWN_DRIVER_URL}, "mqi_ledger__url: unknown postgresql driver"),
+    "number": ({"MQI_CASE__POLL_SECONDS": "fast"}, "MQI_CASE__POLL_SECONDS: Input should be a valid number"),
+    "unknown key": ({"MQI_CASE__COLOUR": "red"}, "MQI_CASE__COLOUR: unknown key"),
+    "key in a JSON section": ({"MQI_LEDGER": json.dumps({"url": UNKNOWN_DRIVER_URL})},
+                              "MQI_LEDGER: url: unknown postgresql driver 'nodriver'"),
+    "not JSON": ({"MQI_HOSTS": "gpu1"}, "MQI_HOSTS: not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("variables,expected", BAD_VARIABLES.values(), ids=BAD_VARIABLES.keys())
+def test_a_bad_environment_variable_is_named_as_the_source(tmp_path, user_shell, variables, expected):
+    # The file is fine and even sets the same key: the variable wins, so the variable is at fault.
+    code, output = config_check(
+        tmp_path, "ledger: {url: 'sqlite:///./mqi.db'}\ncase: {poll_seconds: 2}\n", **variables
+    )
+    assert code == 2
+    assert expected in output
+    assert "mqi.yaml" not in output  # not reported as a problem of the file
+    assert DB_PASSWORD not in output
+
+
+def test_file_and_environment_problems_are_each_named_where_they_are(tmp_path, user_shell):
+    code, output = config_check(
+        tmp_path, "case: {poll_seconds: fast}\n",
+        MQI_CASE__TIMEOUT_HOURS="2", MQI_LEDGER__URL=UNKNOWN_DRIVER_URL,
+    )
+    assert code == 2
+    assert "mqi.yaml and the MQI_ environment variables: 2 problem(s):" in output
+    assert "- case.poll_seconds: Input should be a valid number" in output  # the file's, beside a variable
+    assert "- MQI_LEDGER__URL: unknown postgresql driver 'nodriver'" in output

@@ -150,7 +150,7 @@ def test_secrets_are_masked_in_repr_str_and_dumps(key_file):
 def test_ledger_block_gives_ledger_settings_and_refuses_a_bad_url():
     assert LedgerDatabase(url=LEDGER_URL).to_ledger_settings() == LedgerSettings(url=LEDGER_URL)
 
-    with pytest.raises(ConfigError, match="ledger block .*url: not a database URL"):
+    with pytest.raises(ConfigError, match="ledger block .*url: the ledger URL is not a database URL"):
         LedgerDatabase(url="not a url").to_ledger_settings()
 
 

@@ -18,7 +18,7 @@ def check() -> None:
     try:
         settings = load_settings(config_file())
     except ConfigError as exc:
-        typer.echo(f"{path}: {len(exc.problems)} problem(s):", err=True)
+        typer.echo(f"{exc.source or path}: {len(exc.problems)} problem(s):", err=True)
         for problem in exc.problems:
             typer.echo(f"  - {problem}", err=True)
         raise typer.Exit(2) from None

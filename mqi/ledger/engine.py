@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 from sqlalchemy import URL, Engine, create_engine, event, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from mqi.errors import MqiError
 
@@ -17,6 +17,9 @@ MIGRATION_LOCK_KEY = 0x6D7169  # "mqi"
 # Execution option naming how a SQLite transaction starts; writers take the write lock
 # up front ("IMMEDIATE") so that two of them never deadlock upgrading a read lock.
 SQLITE_BEGIN_OPTION = "mqi_sqlite_begin"
+# The driver plain postgresql:// means (see parse_url) comes with this extra.
+POSTGRES_DRIVER = "psycopg"
+POSTGRES_INSTALL_HINT = "pip install 'mqi-communicator[postgres]'"
 
 
 class LedgerError(MqiError):
@@ -24,10 +27,14 @@ class LedgerError(MqiError):
 
 
 def parse_url(url: str) -> URL:
-    """The SQLAlchemy URL for `url`; plain postgresql:// means the psycopg 3 driver."""
+    """The SQLAlchemy URL for `url`; plain postgresql:// means the psycopg 3 driver.
+
+    Checked without connecting: the database is supported and its driver known,
+    synchronous and installed, so that `mqi config check` names a wrong URL.
+    """
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise LedgerError(
             "the ledger URL is not a database URL; expected sqlite:///path/to/ledger.db "
             "or postgresql://user@host/dbname"
@@ -39,7 +46,30 @@ def parse_url(url: str) -> URL:
             f"the ledger supports SQLite and PostgreSQL, not {parsed.get_backend_name()!r} "
             f"({safe_url(parsed)})"
         )
+    _require_driver(parsed)
     return parsed
+
+
+def _require_driver(url: URL) -> None:
+    driver = url.get_driver_name()
+    try:
+        dialect = url.get_dialect()
+    except NoSuchModuleError:
+        raise LedgerError(
+            f"unknown {url.get_backend_name()} driver {driver!r} in the ledger URL ({safe_url(url)}); "
+            f"leave it out (postgresql://user@host/dbname uses {POSTGRES_DRIVER}, sqlite:///path its built-in one)"
+        ) from None
+    if dialect.is_async:
+        raise LedgerError(f"the ledger needs a synchronous driver, not {driver!r} ({safe_url(url)})")
+    try:
+        dialect.import_dbapi()
+    except ImportError as error:
+        install = POSTGRES_INSTALL_HINT if driver == POSTGRES_DRIVER else f"install {error.name or driver!r}"
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise LedgerError(
+            f"the ledger URL {safe_url(url)} needs the database driver {driver!r}, which cannot be "
+            f"loaded ({reason}): {install}"
+        ) from None
 
 
 def safe_url(url: URL) -> str:
@@ -85,7 +115,12 @@ def _sqlite_engine(url: URL) -> Engine:
 def _create_private(database: Path) -> None:
     """Create a new SQLite file readable by its owner only: the ledger names patients' cases.
     SQLite gives its -wal and -shm files the same mode. An existing file is left as it is."""
-    database.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # e.g. a file where a folder of the path should be
+        raise LedgerError(
+            f"cannot create the folder of the SQLite ledger {database}: {error.strerror or error}"
+        ) from None
     try:
         os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
