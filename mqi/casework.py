@@ -381,7 +381,8 @@ def download(site: Site, case: Case, attempt: Attempt, actor: str) -> Path:
     transport = site.transport(attempt.host)
     # A broken download leaves the case in `downloading` with its attempt live; the results
     # stay on the host and the next resume fetches them again.
-    transfer.download_results(transport, remote_output, dest, timeout=site.settings.transfer.timeout_seconds)
+    transfer.download_results(transport, remote_output, dest, timeout=site.settings.transfer.timeout_seconds,
+                              case_dir=attempt.remote_dir)
     fault_point("after-download")
     site.ledger.finish_attempt(attempt.id, AttemptResult.SUCCESS, exit_code=0)
     site.ledger.transition(case.id, CaseState.COMPLETED, actor=actor, attempt_id=attempt.id,
@@ -458,6 +459,8 @@ def record_outcome(site: Site, case: Case, attempt: Attempt, outcome: WaitOutcom
         except transfer.RemoteResultsMissing as exc:  # else resumed and refetched forever
             fail_case(site, case, attempt, FailureCategory.ENGINE,
                       f"the engine exited with code 0 but wrote no results: {exc}", actor, exit_code=0)
+        except transfer.ResultsRefused as exc:  # refused again on every refetch; the host's files stay
+            fail_case(site, case, attempt, FailureCategory.ENGINE, str(exc), actor, exit_code=0)
     elif outcome.result is None:
         decide_vanished(site, case, attempt, actor)
     elif outcome.result is AttemptResult.FAILED:
@@ -479,6 +482,8 @@ def decide_vanished(site: Site, case: Case, attempt: Attempt, actor: str) -> Non
         fail_case(site, case, attempt, FailureCategory.LOST,
                   "the task disappeared from the queue (pueue clean/remove/reset?) and left no results",
                   actor, result=AttemptResult.LOST)
+    except transfer.ResultsRefused as exc:
+        fail_case(site, case, attempt, FailureCategory.ENGINE, str(exc), actor)
 
 
 def cancel(site: Site, case: Case, actor: str, reason: str) -> bool:
