@@ -246,6 +246,32 @@ def test_results_linking_out_of_the_case_fail_as_engine_through_mqi_submit(tmp_p
     assert os.listdir(elsewhere) == ["dose.dcm"]
 
 
+def test_results_linked_out_by_a_task_that_vanished_fail_as_engine(tmp_path, sshd, fake_pueue,
+                                                                    prefect_server):
+    """Decided from what the task left on the host (it was cleaned from pueue before its end
+    was seen): the same refusal, not `lost`, and nothing fetched."""
+    elsewhere = tmp_path / "another patient"
+    elsewhere.mkdir()
+    (elsewhere / "dose.dcm").write_text("not this case's")
+    command = f"sleep 1; ln -s {shlex.quote(str(elsewhere))} output"
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command=command, poll_seconds=8))
+    folder = good_case(_inbox(tmp_path), "linked-and-cleaned")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        state = pool.submit(run_case, folder)
+        wait_for(lambda: any("Done" in task["status"] for task in fake_pueue.status()["tasks"].values()),
+                 timeout=60, what="the task to finish")
+        fake_pueue.clean()  # before the case's next poll (8 s) sees it done
+        assert state.result(timeout=60) == "failed"
+
+    case = site.ledger.find_case(str(folder))
+    (attempt,) = site.ledger.attempts(case.id)
+    assert attempt.exit_code is None, "the task's end was seen: not the vanished-task path"
+    assert case.failure_category is FailureCategory.ENGINE
+    assert case.failure_message.startswith("results refused: 'output' is a symbolic link (to "), case.failure_message
+    assert site.ledger.live_attempt(case.id) is None
+    assert not (site.settings.results_dir / folder.name).exists()
+
+
 # -- hosts and queues that refuse ----------------------------------------------------------
 
 
