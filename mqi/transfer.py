@@ -151,7 +151,7 @@ def download_results(
     Nothing is read through a symbolic link: `remote_dir`, and every folder from `case_dir`
     (default: `remote_dir` itself) down to it, must be real folders, and links inside are
     carried only under the rule in `mqi.transfer_remote`; anything else raises ResultsRefused
-    before a byte is sent."""
+    and leaves the host's files as they are."""
     local_dest = Path(local_dest)
     staged = wire.staging_folder(str(local_dest))
     try:
