@@ -253,14 +253,20 @@ def test_results_linked_out_by_a_task_that_vanished_fail_as_engine(tmp_path, ssh
     elsewhere = tmp_path / "another patient"
     elsewhere.mkdir()
     (elsewhere / "dose.dcm").write_text("not this case's")
-    command = f"sleep 1; ln -s {shlex.quote(str(elsewhere))} output"
+    gate = tmp_path / "finish now"
+    command = (f"while [ ! -e {shlex.quote(str(gate))} ]; do sleep 0.05; done; "
+               f"ln -s {shlex.quote(str(elsewhere))} output")
     site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command=command, poll_seconds=8))
     folder = good_case(_inbox(tmp_path), "linked-and-cleaned")
     with ThreadPoolExecutor(max_workers=1) as pool:
         state = pool.submit(run_case, folder)
-        wait_for(lambda: any("Done" in task["status"] for task in fake_pueue.status()["tasks"].values()),
+        # The case turns `running` right after a poll: the next one is 8 s away, time enough
+        # to let the task end and clean it from pueue unseen.
+        wait_for(lambda: case_state(site, folder) is CaseState.RUNNING, timeout=60, what="the task to run")
+        gate.touch()
+        wait_for(lambda: any("Done" in task["status"] for task in fake_pueue.store.read()["tasks"].values()),
                  timeout=60, what="the task to finish")
-        fake_pueue.clean()  # before the case's next poll (8 s) sees it done
+        fake_pueue.clean()
         assert state.result(timeout=60) == "failed"
 
     case = site.ledger.find_case(str(folder))
