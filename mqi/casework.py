@@ -446,9 +446,14 @@ def fetch_results(site: Site, case: Case, attempt: Attempt, actor: str) -> None:
     transport = site.transport(attempt.host)
     fault_point("before-download", case.name)
     try:
-        transfer.download_results(transport, remote_output, dest, timeout=site.settings.transfer.timeout_seconds)
+        transfer.download_results(transport, remote_output, dest, timeout=site.settings.transfer.timeout_seconds,
+                                  case_dir=attempt.remote_dir)
     except transfer.RemoteResultsMissing as exc:  # else resumed and refetched forever
         _fail_without_results(site, case, attempt, str(exc), actor)
+        return
+    except transfer.ResultsRefused as exc:  # refused again on every refetch; the host's files stay
+        fail_case(site, case, attempt, FailureCategory.ENGINE, str(exc), actor, exit_code=0,
+                  only_from={CaseState.DOWNLOADING})
         return
     fault_point("after-download", case.name)
     completed = site.ledger.transition(case.id, CaseState.COMPLETED, actor=actor, attempt_id=attempt.id,

@@ -49,6 +49,12 @@ class RemoteResultsMissing(TransferError):
     """The folder to download does not exist on the host."""
 
 
+class ResultsRefused(TransferError):
+    """The results hold something that is not carried (a symbolic link out of them, a named
+    pipe or device, an unreadable file), or are no real folder inside the case; the message
+    names it. Nothing was put in place and the host's files are as they were."""
+
+
 @dataclass(frozen=True)
 class ManifestEntry:
     path: str  # relative, "/"-separated; undecodable bytes kept as surrogate escapes
@@ -135,16 +141,22 @@ def download_results(
     *,
     timeout: float,
     python: str = DEFAULT_PYTHON,
+    case_dir: str | None = None,
 ) -> Manifest:
     """Copy `remote_dir` from the host to `local_dest` and return its manifest.
 
     The copy is made in a hidden sibling of `local_dest` and renamed into place only once
-    verified; an existing `local_dest` is replaced only then."""
+    verified; an existing `local_dest` is replaced only then.
+
+    Nothing is read through a symbolic link: `remote_dir`, and every folder from `case_dir`
+    (default: `remote_dir` itself) down to it, must be real folders, and links inside are
+    carried only under the rule in `mqi.transfer_remote`; anything else raises ResultsRefused
+    and leaves the host's files as they are."""
     local_dest = Path(local_dest)
     staged = wire.staging_folder(str(local_dest))
     try:
         outcome, result = transport.run_reading(
-            _remote_command(python, "send", remote_dir),
+            _remote_command(python, "send", remote_dir, *([case_dir] if case_dir else [])),
             lambda stream: _receive(stream, staged),
             timeout=timeout,
         )
@@ -152,6 +164,8 @@ def download_results(
             raise RemoteResultsMissing(
                 f"host {transport.host!r}: no results folder {remote_dir!r}"
             )
+        if result.exit_code == wire.EXIT_REFUSED:
+            raise ResultsRefused(f"results refused: {_last_line(result.err)}")
         _check(result, remote_dir)
         if isinstance(outcome, wire.StreamError):
             raise TransferVerificationFailed(
@@ -176,8 +190,14 @@ def remove_remote_dir(
 # -- helpers -----------------------------------------------------------------------------
 
 
-def _remote_command(python: str, command: str, folder: str) -> list[str]:
-    return [python, "-I", "-c", REMOTE_PROGRAM, command, folder]
+def _remote_command(python: str, command: str, *folders: str) -> list[str]:
+    return [python, "-I", "-c", REMOTE_PROGRAM, command, *folders]
+
+
+def _last_line(text: str) -> str:
+    """The remote end's own message: a login script may have printed before it."""
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "no reason given"
 
 
 def _scan_case(local_dir: Path) -> list[wire.Entry]:

@@ -12,8 +12,20 @@ header; the receiver hashes what it writes and compares. A stream without that l
 was cut short, and nothing of it is ever put in place: the receiver extracts into a hidden
 sibling folder and renames it into place only after the comparison succeeded.
 
-Symbolic links inside the folder are carried as links, provided their target is relative
-and stays inside the folder (an absolute target would break once the folder moves).
+Nothing is ever read through a symbolic link; links are carried as links. The rule, the
+same for uploads and downloads (what `tar` and `rsync --safe-links` users expect, made strict):
+
+- a link is carried when its target is relative and following it never leaves the folder,
+  at any step, through any other link it passes (`latest -> run 2`, `beam/plan ->
+  ../plan.dcm`): the copy then resolves exactly as the original did;
+- a link with an absolute target, or one that leaves the folder (`../input`, a chain of
+  links that climbs out), is refused and nothing is sent: an absolute target would break once
+  the folder moves, and one leaving the folder would show the receiver's own files;
+- special files (named pipes, sockets, devices) are refused: reading one may block forever
+  or never end;
+- results are sent only from a real folder: the results folder and every folder from the
+  case folder down to it must not be a link (an `output` that is a link would send whatever
+  folder it points to as the case's results).
 """
 
 import hashlib
@@ -35,6 +47,7 @@ EXIT_BAD_STREAM = 2
 EXIT_MISSING = 3
 EXIT_REFUSED = 4
 FILE, DIR, SYMLINK = "file", "dir", "symlink"
+MAX_LINKS_FOLLOWED = 40  # Linux's own limit: past it the system fails with ELOOP
 SPECIAL_KINDS = (
     (stat.S_ISFIFO, "a named pipe (FIFO)"),
     (stat.S_ISSOCK, "a socket"),
@@ -49,7 +62,7 @@ class RefusedEntry(Exception):
     def __init__(self, path, reason):
         self.path = path
         self.reason = reason
-        super().__init__("{!r}: {}".format(path, reason))
+        super().__init__("{!r} {}".format(path, reason))
 
 
 class StreamError(Exception):
@@ -124,10 +137,41 @@ def _inside_target(root, path):
     target = os.readlink(os.path.join(root, path))
     if os.path.isabs(target):
         raise RefusedEntry(path, "is a symbolic link to an absolute path ({!r})".format(target))
-    resolved = os.path.normpath(os.path.join(os.path.dirname(path), target))
-    if resolved == ".." or resolved.startswith("../"):
+    if not _stays_inside(root, path):
         raise RefusedEntry(path, "is a symbolic link leaving the folder ({!r})".format(target))
     return target
+
+
+def _stays_inside(root, path):
+    """Whether resolving `path` (relative to `root`) as the system does never leaves `root`.
+
+    Every link met on the way is followed, so a chain is judged by where it really goes, not
+    by its text: with `a/b/up -> ../..` (the folder itself), `m -> a/b/up/..` reads as `a` but
+    climbs out. A name that does not exist counts as a folder, which errs towards refusing."""
+    folder = []  # where resolution stands, as names below root
+    names = path.split("/")[::-1]  # still to resolve, next one last
+    followed = 0
+    while names:
+        name = names.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            if not folder:
+                return False
+            folder.pop()
+            continue
+        here = os.path.join(root, *folder, name)
+        if not os.path.islink(here):
+            folder.append(name)
+            continue
+        followed += 1
+        if followed > MAX_LINKS_FOLLOWED:
+            return True  # a loop: the system never resolves it, so it leads nowhere
+        target = os.readlink(here)
+        if os.path.isabs(target):
+            return False
+        names.extend(target.split("/")[::-1])
+    return True
 
 
 def manifest_of(root, entries):
@@ -290,10 +334,21 @@ def receive_tree(stream, dest):
     # read-only folder can still be filled
     for link_target, path in links:
         os.symlink(link_target, path)
+    _refuse_links_leaving(dest, links)
     for path, mode in reversed(folders):
         os.chmod(path, mode)
     _compare(sent, received)
     return received
+
+
+def _refuse_links_leaving(dest, links):
+    """The sender refuses these already; checked again here, once every link exists, so that
+    whatever a sender sends, nothing put in place points out of it."""
+    for link_target, path in links:
+        name = os.path.relpath(path, dest)
+        if os.path.isabs(link_target) or not _stays_inside(dest, name):
+            raise StreamError("a symbolic link in the stream leaves the folder: {!r} -> {!r}".format(
+                name, link_target))  # fmt: skip
 
 
 def _members(stream):
@@ -472,12 +527,41 @@ def command_receive(folder):
     _print_json({"manifest": manifest})
 
 
-def command_send(folder):
-    """Write `folder` to stdout as a stream."""
-    if not os.path.isdir(folder):
-        _fail(EXIT_MISSING, "no such folder: {!r}".format(folder))
-    _widen_pipe(1)
-    send_tree(folder, scan(folder), sys.stdout.buffer)
+def command_send(folder, case_dir=None):
+    """Write `folder` to stdout as a stream, once it proved to be a real folder inside
+    `case_dir` (default: itself); refusals name their path from `case_dir` down."""
+    shown = _real_folder_below(case_dir or folder, folder)
+    try:
+        entries = scan(folder)
+        _widen_pipe(1)
+        send_tree(folder, entries, sys.stdout.buffer)
+    except RefusedEntry as refused:
+        raise RefusedEntry(_below(shown, refused.path), refused.reason)
+
+
+def _real_folder_below(case_dir, folder):
+    """`folder` relative to `case_dir` ("." for itself), after making sure that it and every
+    folder between them, `case_dir` included, is a real folder and not a symbolic link."""
+    relative = os.path.relpath(folder, case_dir)
+    if relative == ".." or relative.startswith("../"):
+        raise RefusedEntry(folder, "is not inside the case folder {!r}".format(case_dir))
+    names = [] if relative == "." else relative.split("/")
+    for depth in range(len(names) + 1):
+        path = os.path.join(case_dir, *names[:depth])
+        shown = "/".join(names[:depth]) or case_dir
+        if os.path.islink(path):
+            raise RefusedEntry(shown, "is a symbolic link (to {!r}): results are only taken from a "
+                                      "real folder inside the case".format(os.readlink(path)))  # fmt: skip
+        if not os.path.isdir(path):
+            _fail(EXIT_MISSING, "no such folder: {!r}".format(path))
+    return relative
+
+
+def _below(folder, path):
+    """`path` inside `folder`, both relative ("." for a folder itself)."""
+    if path == ".":
+        return folder
+    return path if folder == "." else folder + "/" + path
 
 
 def command_remove(folder):
@@ -515,9 +599,9 @@ COMMANDS = {
 
 
 def main(args):
-    command, folder = args
+    command, folders = args[0], [os.path.expanduser(folder) for folder in args[1:]]
     try:
-        COMMANDS[command](os.path.expanduser(folder))
+        COMMANDS[command](*folders)
     except StreamError as error:
         _fail(EXIT_BAD_STREAM, str(error))
     except RefusedEntry as error:

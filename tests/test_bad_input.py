@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from mqi.cli import full_app as cli_app
@@ -55,6 +57,8 @@ ODD_NAMES = {
     "very long (250 bytes)": "L" * 250,
 }
 NON_UTF8_NAME = b"caf\xe9-latin1"
+# The user's shell, not the test harness: no Prefect or mqi settings leak into `mqi` commands.
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MQI_"))}
 
 
 def canaries(tmp_path: Path) -> list[Path]:
@@ -200,6 +204,82 @@ def test_engine_that_succeeds_without_writing_results_fails_clearly(tmp_path, ss
     assert case.failure_category is FailureCategory.ENGINE
     assert "exited with code 0 but wrote no results" in case.failure_message
     assert site.ledger.live_attempt(case.id) is None
+
+
+def _output_linked_out_of_the_case(elsewhere: Path) -> tuple[str, str]:
+    return (f"ln -s {shlex.quote(str(elsewhere))} output",
+            f"results refused: 'output' is a symbolic link (to {str(elsewhere)!r}): "
+            "results are only taken from a real folder inside the case")
+
+
+def _link_to_root_in_output(elsewhere: Path) -> tuple[str, str]:
+    return ("mkdir output && cp RTPLAN.dcm output/ && ln -s / output/root",
+            "results refused: 'output/root' is a symbolic link to an absolute path ('/')")
+
+
+@pytest.mark.parametrize("engine", [_output_linked_out_of_the_case, _link_to_root_in_output])
+def test_results_linking_out_of_the_case_fail_as_engine_through_mqi_submit(tmp_path, sshd, fake_pueue,
+                                                                           prefect_server, engine):
+    """`mqi submit` as a user types it: the case fails with the link named, never stays
+    `downloading`, nothing of it (or of the folder it points to) lands in results_dir, and the
+    host keeps its files."""
+    elsewhere = tmp_path / "another patient"
+    elsewhere.mkdir()
+    (elsewhere / "dose.dcm").write_text("not this case's")
+    command, expected = engine(elsewhere)
+    settings = settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command=command)
+    config = tmp_path / "mqi.yaml"
+    config.write_text(yaml.safe_dump(settings.masked() | {"ledger": {"url": settings.ledger.url.get_secret_value()},
+                                                          "prefect": {"api_url": prefect_server}}))
+    site = start(settings)
+    folder = good_case(_inbox(tmp_path), "linked-results")
+
+    submit = subprocess.run([sys.executable, "-m", "mqi.cli", "--config", str(config), "submit", str(folder)],
+                            cwd=tmp_path, env=CLEAN_ENV, capture_output=True, text=True, timeout=300)
+
+    assert (submit.returncode, submit.stdout) == (1, "case linked-results: failed\n"), submit.stderr[-3000:]
+    assert "Traceback" not in submit.stderr, submit.stderr[-3000:]
+    case = site.ledger.find_case(str(folder))
+    assert case.failure_category is FailureCategory.ENGINE and case.failure_message == expected
+    (attempt,) = site.ledger.attempts(case.id)
+    assert not attempt.live and site.ledger.live_attempt(case.id) is None
+    results = site.settings.results_dir
+    assert not results.exists() or os.listdir(results) == [], "something was put in results_dir"
+    on_host = Path(attempt.remote_dir)
+    assert (on_host / "RTPLAN.dcm").exists() and os.path.lexists(on_host / "output"), "the host's files were touched"
+    assert os.listdir(elsewhere) == ["dose.dcm"]
+
+
+def test_results_linked_out_by_a_task_that_vanished_fail_as_engine(tmp_path, sshd, fake_pueue,
+                                                                    prefect_server):
+    """Decided from what the task left on the host (it was cleaned from pueue before its end
+    was seen): the same refusal, not `lost`, and nothing fetched."""
+    elsewhere = tmp_path / "another patient"
+    elsewhere.mkdir()
+    (elsewhere / "dose.dcm").write_text("not this case's")
+    gate = tmp_path / "finish now"
+    command = (f"while [ ! -e {shlex.quote(str(gate))} ]; do sleep 0.05; done; "
+               f"ln -s {shlex.quote(str(elsewhere))} output")
+    site = start(settings_for(tmp_path, [ssh_host(tmp_path, sshd, fake_pueue)], command=command, poll_seconds=8))
+    folder = good_case(_inbox(tmp_path), "linked-and-cleaned")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        state = pool.submit(run_case, folder)
+        # The case turns `running` right after a poll: the next one is 8 s away, time enough
+        # to let the task end and clean it from pueue unseen.
+        wait_for(lambda: case_state(site, folder) is CaseState.RUNNING, timeout=60, what="the task to run")
+        gate.touch()
+        wait_for(lambda: any("Done" in task["status"] for task in fake_pueue.store.read()["tasks"].values()),
+                 timeout=60, what="the task to finish")
+        fake_pueue.clean()
+        assert state.result(timeout=60) == "failed"
+
+    case = site.ledger.find_case(str(folder))
+    (attempt,) = site.ledger.attempts(case.id)
+    assert attempt.exit_code is None, "the task's end was seen: not the vanished-task path"
+    assert case.failure_category is FailureCategory.ENGINE
+    assert case.failure_message.startswith("results refused: 'output' is a symbolic link (to "), case.failure_message
+    assert site.ledger.live_attempt(case.id) is None
+    assert not (site.settings.results_dir / folder.name).exists()
 
 
 # -- hosts and queues that refuse ----------------------------------------------------------

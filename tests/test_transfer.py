@@ -3,6 +3,7 @@ idempotent uploads, and damaged or interrupted transfers that never look complet
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import stat
@@ -18,6 +19,7 @@ import pytest
 from mqi.transfer import (
     CaseInputError,
     RemoteResultsMissing,
+    ResultsRefused,
     TransferVerificationFailed,
     download_results,
     remove_remote_dir,
@@ -81,6 +83,8 @@ def snapshot(root: Path) -> dict[bytes, tuple]:
                 found[relative] = ("link", os.readlink(path))
             elif stat.S_ISDIR(st.st_mode):
                 found[relative] = ("dir", stat.S_IMODE(st.st_mode))
+            elif not stat.S_ISREG(st.st_mode):  # a named pipe: reading it would wait for ever
+                found[relative] = ("special", st.st_mode)
             else:
                 content = Path(os.fsdecode(path)).read_bytes()
                 found[relative] = ("file", stat.S_IMODE(st.st_mode), content)
@@ -234,7 +238,14 @@ def _device(case: Path) -> str:
     return "'null' is a character device, not a file"
 
 
-@pytest.mark.parametrize("spoil", [_escaping_link, _absolute_link, _fifo, _device])
+def _escaping_chain(case: Path) -> str:
+    # each link alone reads as inside; followed, `climb` ends above the folder
+    (case / "beams" / "beam 1" / "top").symlink_to("../..")
+    (case / "climb").symlink_to("beams/beam 1/top/..")
+    return "'climb' is a symbolic link leaving the folder"
+
+
+@pytest.mark.parametrize("spoil", [_escaping_link, _absolute_link, _escaping_chain, _fifo, _device])
 def test_refused_entries_are_named_and_nothing_is_sent(tmp_path, spoil):
     case = make_case(tmp_path)
     expected = spoil(case)
@@ -430,6 +441,152 @@ def test_missing_results_folder(each_transport, tmp_path):
         download_results(each_transport, str(tmp_path / "nothing"), dest, timeout=TIMEOUT)
 
     assert not dest.exists() and leftovers(tmp_path) == []
+
+
+# -- results are never read through a link out of them ----------------------------------
+
+
+def make_remote_case(root: Path) -> tuple[Path, Path]:
+    """A case folder on the host (its output not made yet), and a folder outside it."""
+    elsewhere = root / "elsewhere"
+    (elsewhere / "output").mkdir(parents=True)
+    (elsewhere / "output" / "other-patient.dcm").write_text("not this case's")
+    case_dir = root / "host" / "uid-1"
+    (case_dir / "input").mkdir(parents=True)
+    (case_dir / "input" / "plan.dcm").write_text("plan")
+    return case_dir, elsewhere
+
+
+def _output_linked_outside(case_dir: Path, elsewhere: Path) -> tuple[Path, str]:
+    (case_dir / "output").symlink_to(elsewhere / "output")
+    return case_dir / "output", "'output' is a symbolic link (to "
+
+
+def _output_linked_inside(case_dir: Path, elsewhere: Path) -> tuple[Path, str]:
+    (case_dir / "scratch").mkdir()
+    (case_dir / "scratch" / "dose.dcm").write_text("dose")
+    (case_dir / "output").symlink_to("scratch")
+    return case_dir / "output", "'output' is a symbolic link (to 'scratch')"
+
+
+def _folder_above_output_linked(case_dir: Path, elsewhere: Path) -> tuple[Path, str]:
+    (case_dir / "run").symlink_to(elsewhere)
+    return case_dir / "run" / "output", "'run' is a symbolic link (to "
+
+
+@pytest.mark.parametrize(
+    "link", [_output_linked_outside, _output_linked_inside, _folder_above_output_linked]
+)
+def test_results_reached_through_a_link_are_refused(each_transport, tmp_path, link):
+    case_dir, elsewhere = make_remote_case(tmp_path)
+    remote_dir, expected = link(case_dir, elsewhere)
+    on_host = snapshot(tmp_path / "host"), snapshot(elsewhere)
+    dest = tmp_path / "results" / "case"
+
+    with pytest.raises(ResultsRefused) as refused:
+        download_results(
+            each_transport, str(remote_dir), dest, timeout=TIMEOUT, case_dir=str(case_dir)
+        )
+
+    assert str(refused.value).startswith("results refused: " + expected), refused.value
+    assert not dest.exists() and leftovers(dest.parent) == []
+    assert (snapshot(tmp_path / "host"), snapshot(elsewhere)) == on_host
+
+
+def test_a_results_folder_that_is_a_link_is_refused_without_a_case_folder(each_transport, tmp_path):
+    case_dir, elsewhere = make_remote_case(tmp_path)
+    (case_dir / "output").symlink_to(elsewhere / "output")
+
+    with pytest.raises(ResultsRefused, match="is a symbolic link"):
+        download_results(each_transport, str(case_dir / "output"), tmp_path / "back", timeout=TIMEOUT)
+
+    assert not (tmp_path / "back").exists()
+
+
+def _link_to_root(output: Path) -> str:
+    (output / "root").symlink_to("/")
+    return "'output/root' is a symbolic link to an absolute path ('/')"
+
+
+def _link_to_the_input(output: Path) -> str:
+    (output / "plan.dcm").symlink_to("../input/plan.dcm")  # inside the case, not the results
+    return "'output/plan.dcm' is a symbolic link leaving the folder ('../input/plan.dcm')"
+
+
+def _chain_climbing_out(output: Path) -> str:
+    (output / "beam" / "top").symlink_to("..")  # the results folder itself: fine
+    (output / "upper").symlink_to("beam/top/..")  # reads as `.`, goes to the case folder
+    return "'output/upper' is a symbolic link leaving the folder ('beam/top/..')"
+
+
+def _pipe_in_results(output: Path) -> str:
+    os.mkfifo(output / "beam" / "pipe")
+    return "'output/beam/pipe' is a named pipe (FIFO), not a file"
+
+
+@pytest.mark.parametrize(
+    "spoil", [_link_to_root, _link_to_the_input, _chain_climbing_out, _pipe_in_results]
+)
+def test_results_holding_a_link_out_of_them_or_a_special_file_are_refused(
+    each_transport, tmp_path, spoil
+):
+    case_dir, _ = make_remote_case(tmp_path)
+    output = case_dir / "output"
+    (output / "beam").mkdir(parents=True)
+    (output / "beam" / "dose.dcm").write_bytes(os.urandom(100_000))
+    expected = spoil(output)
+    on_host = snapshot(case_dir)
+    dest = tmp_path / "results" / "case"
+
+    with pytest.raises(ResultsRefused) as refused:
+        download_results(each_transport, str(output), dest, timeout=TIMEOUT, case_dir=str(case_dir))
+
+    assert str(refused.value) == "results refused: " + expected
+    assert not dest.exists() and leftovers(dest.parent) == []
+    assert snapshot(case_dir) == on_host
+
+
+def test_links_that_stay_inside_the_results_are_carried_as_links(each_transport, tmp_path):
+    case_dir, _ = make_remote_case(tmp_path)
+    output = case_dir / "output"
+    (output / "run 2" / "beam").mkdir(parents=True)
+    (output / "run 2" / "dose.dcm").write_bytes(os.urandom(1000))
+    (output / "latest").symlink_to("run 2")
+    (output / "newest dose").symlink_to("latest/dose.dcm")  # through another link
+    (output / "run 2" / "beam" / "results").symlink_to("../..")  # the results folder itself
+    (output / "run 2" / "beam" / "dose.dcm").symlink_to("../dose.dcm")
+    dest = tmp_path / "results" / "case"
+
+    got = download_results(each_transport, str(output), dest, timeout=TIMEOUT, case_dir=str(case_dir))
+
+    assert snapshot(dest) == snapshot(output)
+    assert (dest / "newest dose").read_bytes() == (output / "run 2" / "dose.dcm").read_bytes()
+    assert [e.path for e in got.entries if e.type == "symlink"] == [
+        "latest", "newest dose", "run 2/beam/dose.dcm", "run 2/beam/results"
+    ]
+
+
+def test_a_stream_with_a_link_out_of_the_folder_is_not_put_in_place(tmp_path):
+    """The receiver does not rely on the sender's check: its own copy is checked too."""
+    from mqi import transfer_remote as wire
+
+    source = tmp_path / "source"
+    (source / "a").mkdir(parents=True)
+    (source / "a" / "top").symlink_to("..")
+    (source / "upper").symlink_to("a/top/..")
+    # entries made by hand: scan() would refuse `upper` before anything is sent
+    entries = [
+        wire.Entry("a", wire.DIR, os.lstat(source / "a")),
+        wire.Entry("a/top", wire.SYMLINK, os.lstat(source / "a" / "top"), ".."),
+        wire.Entry("upper", wire.SYMLINK, os.lstat(source / "upper"), "a/top/.."),
+    ]
+    stream = io.BytesIO()
+    wire.send_tree(str(source), entries, stream)
+    staged = tmp_path / "staged"
+    staged.mkdir()
+
+    with pytest.raises(wire.StreamError, match="leaves the folder: 'upper' -> 'a/top/..'"):
+        wire.receive_tree(io.BytesIO(stream.getvalue()), str(staged))
 
 
 def test_connection_cut_during_download(sshd_factory, tmp_path):
