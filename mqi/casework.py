@@ -452,8 +452,9 @@ def fetch_results(site: Site, case: Case, attempt: Attempt, actor: str) -> None:
         _fail_without_results(site, case, attempt, str(exc), actor)
         return
     except transfer.ResultsRefused as exc:  # refused again on every refetch; the host's files stay
-        fail_case(site, case, attempt, FailureCategory.ENGINE, str(exc), actor, exit_code=0,
-                  only_from={CaseState.DOWNLOADING})
+        task = site.status(attempt.host).snapshot().find(attempt.task_id, attempt.label)  # its exit code, if seen
+        fail_case(site, case, attempt, FailureCategory.ENGINE, str(exc), actor,
+                  exit_code=task.exit_code if task else None, only_from={CaseState.DOWNLOADING})
         return
     fault_point("after-download", case.name)
     completed = site.ledger.transition(case.id, CaseState.COMPLETED, actor=actor, attempt_id=attempt.id,
