@@ -4,7 +4,7 @@ Layout of a state directory:
   state.json     tasks and groups (internal form, times as integer nanoseconds)
   state.lock     fcntl lock guarding state.json
   daemon.lock    held by the running daemon for its whole life: "is the daemon up?"
-  daemon.pid     pid of the running daemon
+  pueue.pid      pid of the running daemon, named as pueue names its pid file
   settings.json  output format and timestamp style, chosen per instance
   task_logs/     one log file per task (stdout and stderr together)
   calls.jsonl    one record per client invocation
@@ -45,7 +45,7 @@ class StateDir:
         self.state_file = self.root / "state.json"
         self.state_lock = self.root / "state.lock"
         self.daemon_lock = self.root / "daemon.lock"
-        self.pid_file = self.root / "daemon.pid"
+        self.pid_file = self.root / "pueue.pid"
         self.settings_file = self.root / "settings.json"
         self.log_dir = self.root / "task_logs"
         self.calls_file = self.root / "calls.jsonl"
