@@ -23,6 +23,7 @@ from mqi.ledger.records import Attempt, Case
 from mqi.ledger.store import folder_key
 from mqi.ledger.states import ACTIVE_STATES, AttemptResult, CaseState, FailureCategory
 from mqi.queue.base import QueueError, SubmitRequest, TaskInfo, TaskResult, TaskState
+from mqi.restarts import explain_kill
 from mqi.site import Placement, Site
 from mqi.stopping import pause
 from mqi.transport.base import TransportError
@@ -392,29 +393,33 @@ def download(site: Site, case: Case, attempt: Attempt, actor: str) -> Path:
 
 
 def fail_case(site: Site, case: Case, attempt: Attempt | None, category: FailureCategory, message: str,
-              actor: str, *, result: AttemptResult = AttemptResult.FAILED, exit_code: int | None = None) -> None:
+              actor: str, *, result: AttemptResult = AttemptResult.FAILED, exit_code: int | None = None,
+              host_fault: bool = False) -> None:
     if attempt is not None and attempt.live:
         site.ledger.finish_attempt(attempt.id, result, exit_code=exit_code)
     site.ledger.transition(
         case.id, CaseState.FAILED, actor=actor, attempt_id=attempt.id if attempt else None,
         message=message, failure_category=category, failure_message=message,
     )
-    retry_if_allowed(site, case, category, actor)
+    retry_if_allowed(site, case, category, actor, host_fault=host_fault)
 
 
 # Failures the retry policy may try again; an input error never is, a timeout only if set.
 RETRYABLE = frozenset({FailureCategory.ENGINE, FailureCategory.INFRASTRUCTURE, FailureCategory.LOST})
 
 
-def retry_if_allowed(site: Site, case: Case, category: FailureCategory, actor: str) -> bool:
-    """Send a failed case back to pending as a new attempt when `retry` allows it."""
+def retry_if_allowed(site: Site, case: Case, category: FailureCategory, actor: str, *,
+                     host_fault: bool = False) -> bool:
+    """Send a failed case back to pending as a new attempt when `retry` allows it;
+    `host_fault`: the host ended the task (a pueue daemon restart), retried by default."""
     policy = site.settings.retry
     retryable = category in RETRYABLE or (category is FailureCategory.TIMEOUT and policy.retry_timeouts)
     attempts = len(site.ledger.attempts(case.id))
-    if not retryable or attempts >= policy.max_attempts:
+    allowed = policy.attempts_allowed(host_fault)
+    if not retryable or attempts >= allowed:
         return False
     site.ledger.transition(case.id, CaseState.PENDING, actor=actor,
-                           message=f"automatic retry after {category} (attempt {attempts + 1} of {policy.max_attempts})")
+                           message=f"automatic retry after {category} (attempt {attempts + 1} of {allowed})")
     return True
 
 
@@ -464,10 +469,10 @@ def record_outcome(site: Site, case: Case, attempt: Attempt, outcome: WaitOutcom
         message = engine_failure_message(site, attempt, outcome)
         category = FailureCategory.ENGINE if outcome.exit_code is not None else FailureCategory.INFRASTRUCTURE
         fail_case(site, case, attempt, category, message, actor, exit_code=outcome.exit_code)
-    else:  # killed on the host by someone else, or by a pueue daemon restart
-        fail_case(site, case, attempt, FailureCategory.INFRASTRUCTURE,
-                  "the task was killed on the host (an operator, or a pueue daemon restart)", actor,
-                  result=AttemptResult.KILLED)
+    else:  # killed on the host: by a pueue daemon restart (retried by default), or by someone else
+        killed = explain_kill(site, attempt, outcome.task)
+        fail_case(site, case, attempt, FailureCategory.INFRASTRUCTURE, killed.message, actor,
+                  result=AttemptResult.KILLED, host_fault=killed.by_restart)
     return site.ledger.get_case(case.id)
 
 

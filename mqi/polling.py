@@ -63,14 +63,17 @@ class SharedStatus:
         *,
         clock: Callable[[], float] = time.time,
         on_call: Callable[[Exception | None], None] = lambda error: None,
+        on_snapshot: Callable[[QueueSnapshot], None] = lambda snapshot: None,
     ):
-        """`on_call` hears the outcome of every real status call (None: it succeeded)."""
+        """`on_call` hears the outcome of every real status call (None: it succeeded);
+        `on_snapshot` gets the answer of every one that succeeded."""
         if not _SAFE_HOST.match(queue.host):
             raise ValueError(f"host name {queue.host!r} cannot name a cache file")
         self.queue = queue
         self.max_age = max_age
         self._clock = clock
         self._on_call = on_call
+        self._on_snapshot = on_snapshot
         cache_dir.mkdir(parents=True, exist_ok=True)
         self._cache_file = cache_dir / f"{queue.host}.json"
         self._lock_file = cache_dir / f"{queue.host}.lock"
@@ -121,6 +124,7 @@ class SharedStatus:
             self._on_call(exc)
             raise
         self._on_call(None)
+        self._on_snapshot(snapshot)
         # The end of the call, not its start: callers waiting on a slow call must not repeat it.
         taken_at = self._clock()
         self._loaded = self._store(snapshot, taken_at)

@@ -6,6 +6,7 @@ shares one connection and one status poll per host.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import threading
 from collections.abc import Callable
@@ -16,12 +17,16 @@ from pathlib import Path
 from mqi.arrival_line import ArrivalGate, ExpectedArrivals
 from mqi.errors import ConfigError
 from mqi.gpu import GpuCache
+from mqi.group_sightings import record_seen
 from mqi.host_health import HostHealth, record_host_ok, record_transport_error
 from mqi.ledger.store import Ledger
 from mqi.polling import SharedLogTails, SharedStatus
-from mqi.queue.base import Queue
+from mqi.queue.base import Queue, QueueSnapshot
 from mqi.settings import GroupSettings, HostSettings, Settings
+from mqi.timefmt import utc_now
 from mqi.transport.base import Transport, TransportError
+
+log = logging.getLogger(__name__)
 
 # Progress: the last lines of running tasks, read every third poll and at most every 5 s.
 PROGRESS_EVERY_POLLS, PROGRESS_MIN_SECONDS, PROGRESS_LINES = 3, 5.0, 20
@@ -98,6 +103,7 @@ class Site:
                     cache_dir=self.settings.state_dir / "status-cache",
                     max_age=self.settings.case.poll_seconds,
                     on_call=lambda error: self.note_host_call(host_name, error),
+                    on_snapshot=lambda snapshot: self.note_groups_seen(host_name, snapshot),
                 )
             return self._statuses[host_name]
 
@@ -127,6 +133,13 @@ class Site:
             for listener in self.host_listeners:
                 listener(health)
 
+    def note_groups_seen(self, host_name: str, snapshot: QueueSnapshot) -> None:
+        """Keep what the host's groups were doing now: tells a restart's pause from a person's."""
+        try:
+            record_seen(self.settings.state_dir, host_name, snapshot.groups, utc_now())
+        except OSError as exc:  # a record missed makes a later pause look like a person's: safe
+            log.warning("host %s: could not record its groups' status: %s", host_name, exc)
+
     def _make_queue(self, host: HostSettings) -> Queue:
         _require_resolved(host)
         if host.queue == "local":
@@ -136,7 +149,8 @@ class Site:
             return LocalQueue(self.settings.state_dir / "queue" / host.name, groups, host=host.name)
         from mqi.queue.pueue import PueueQueue
 
-        return PueueQueue(self.transport(host.name), pueue=host.pueue, timeout=host.command_timeout)
+        return PueueQueue(self.transport(host.name), pueue=host.pueue, timeout=host.command_timeout,
+                          pid_file=host.pueue_pid_file)
 
     def close(self) -> None:
         for transport in self._transports.values():
