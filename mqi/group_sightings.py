@@ -36,8 +36,8 @@ _TIMES = ("running_at", "paused_since", "announced_for")
 
 @dataclass(frozen=True)
 class GroupRecord:
-    running_at: datetime | None = None  # the last time the group was seen running
-    paused_since: datetime | None = None  # the first time it was seen paused after that
+    running_at: datetime | None = None  # the last time the group was seen running (a call's start)
+    paused_since: datetime | None = None  # the first time it was seen paused after that (a call's end)
     pause_cause: str | None = None  # why it is paused, as reconcile decided
     announced_for: datetime | None = None  # the pause (its paused_since) already announced
 
@@ -66,15 +66,19 @@ def group_records(state_dir: Path, host: str) -> dict[str, GroupRecord]:
         return {}
 
 
-def record_seen(state_dir: Path, host: str, groups: Mapping[str, GroupInfo], at: datetime) -> None:
-    """The groups as one status call saw them at `at`."""
+def record_seen(state_dir: Path, host: str, groups: Mapping[str, GroupInfo], asked_at: datetime,
+                answered_at: datetime) -> None:
+    """The groups as one status call, asked at `asked_at` and answered at `answered_at`, saw
+    them. The host read them at some moment between: a group seen running is recorded as running
+    at the call's start, one seen paused as paused at its end, so that neither is ever placed
+    later (running) or earlier (paused) than it was."""
     with _locked(state_dir, host) as records:
         for name, group in groups.items():
             previous = records.get(name, GroupRecord())
             if not group.paused:
-                records[name] = GroupRecord(running_at=at)  # a pause, if there was one, is over
+                records[name] = GroupRecord(running_at=asked_at)  # a pause, if there was one, is over
             elif previous.paused_since is None:
-                records[name] = replace(previous, paused_since=at)
+                records[name] = replace(previous, paused_since=answered_at)
 
 
 def note_pause_cause(state_dir: Path, host: str, group: str, cause: str, at: datetime) -> bool:

@@ -25,6 +25,7 @@ from mqi.host_health import HostHealth, host_health, record_host_ok, record_tran
 from mqi.queue.base import QueueError, QueueSnapshot, TaskState
 from mqi.settings import HostSettings
 from mqi.site import Site
+from mqi.timefmt import utc_now
 from mqi.transport.base import TransportError
 
 log = logging.getLogger(__name__)
@@ -111,13 +112,15 @@ def check_host(site: Site, host: HostSettings, timeout: float) -> HostReport:
     state_dir = site.settings.state_dir
     command_timeout = min(timeout, host.command_timeout)
     try:
+        asked_at = utc_now()
         queue, snapshot, queue_problem = _queue_state(site, host, command_timeout)
+        answered_at = utc_now()
         gpu_report = query_gpus(site.transport(host.name), command_timeout, host.nvidia_smi)
     except TransportError as error:
         record_transport_error(state_dir, error)
         return _unanswered(site, host, str(error), time.monotonic() - started)
     if snapshot is not None:
-        site.note_groups_seen(host.name, snapshot)
+        site.note_groups_seen(host.name, snapshot, asked_at, answered_at)
     return HostReport(
         host.name,
         address(host),

@@ -63,10 +63,11 @@ class SharedStatus:
         *,
         clock: Callable[[], float] = time.time,
         on_call: Callable[[Exception | None], None] = lambda error: None,
-        on_snapshot: Callable[[QueueSnapshot], None] = lambda snapshot: None,
+        on_snapshot: Callable[[QueueSnapshot, float, float], None] = lambda snapshot, asked, answered: None,
     ):
         """`on_call` hears the outcome of every real status call (None: it succeeded);
-        `on_snapshot` gets the answer of every one that succeeded."""
+        `on_snapshot` gets the answer of every one that succeeded, with the clock's times when
+        the call was made and answered."""
         if not _SAFE_HOST.match(queue.host):
             raise ValueError(f"host name {queue.host!r} cannot name a cache file")
         self.queue = queue
@@ -116,6 +117,7 @@ class SharedStatus:
             self._loaded = None
 
     def _refresh(self) -> QueueSnapshot:
+        asked_at = self._clock()
         try:
             snapshot = self.queue.snapshot()
         except Exception as exc:
@@ -124,9 +126,9 @@ class SharedStatus:
             self._on_call(exc)
             raise
         self._on_call(None)
-        self._on_snapshot(snapshot)
         # The end of the call, not its start: callers waiting on a slow call must not repeat it.
         taken_at = self._clock()
+        self._on_snapshot(snapshot, asked_at, taken_at)
         self._loaded = self._store(snapshot, taken_at)
         self._last_error = None
         self._attempts += 1

@@ -11,6 +11,7 @@ import posixpath
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 
@@ -23,7 +24,6 @@ from mqi.ledger.store import Ledger
 from mqi.polling import SharedLogTails, SharedStatus
 from mqi.queue.base import Queue, QueueSnapshot
 from mqi.settings import GroupSettings, HostSettings, Settings
-from mqi.timefmt import utc_now
 from mqi.transport.base import Transport, TransportError
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,9 @@ class Site:
                     cache_dir=self.settings.state_dir / "status-cache",
                     max_age=self.settings.case.poll_seconds,
                     on_call=lambda error: self.note_host_call(host_name, error),
-                    on_snapshot=lambda snapshot: self.note_groups_seen(host_name, snapshot),
+                    on_snapshot=lambda snapshot, asked, answered: self.note_groups_seen(
+                        host_name, snapshot, datetime.fromtimestamp(asked, UTC), datetime.fromtimestamp(answered, UTC)
+                    ),
                 )
             return self._statuses[host_name]
 
@@ -133,10 +135,12 @@ class Site:
             for listener in self.host_listeners:
                 listener(health)
 
-    def note_groups_seen(self, host_name: str, snapshot: QueueSnapshot) -> None:
-        """Keep what the host's groups were doing now: tells a restart's pause from a person's."""
+    def note_groups_seen(self, host_name: str, snapshot: QueueSnapshot, asked_at: datetime,
+                         answered_at: datetime) -> None:
+        """Keep what the host's groups were doing during one status call, asked and answered at
+        these times: it tells a restart's pause from a person's."""
         try:
-            record_seen(self.settings.state_dir, host_name, snapshot.groups, utc_now())
+            record_seen(self.settings.state_dir, host_name, snapshot.groups, asked_at, answered_at)
         except OSError as exc:  # a record missed makes a later pause look like a person's: safe
             log.warning("host %s: could not record its groups' status: %s", host_name, exc)
 

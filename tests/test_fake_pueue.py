@@ -7,6 +7,7 @@ restarts, parallel limits, and the records kept for tests and benchmarks.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -493,6 +494,32 @@ def test_a_crashed_daemons_restart_is_shown_as_pueue_shows_it(fake_pueue, fmt):
     groups = fake_pueue.status()["groups"]
     assert (groups["default"]["status"], groups["idle"]["status"]) == ("Paused", "Running")
     assert status_name(fake_pueue, queued) == "Queued"
+
+
+def test_no_client_sees_the_state_from_before_the_restore(fake_pueue):
+    """pueue opens its socket after restore_state: a status call during the restart fails to
+    connect rather than show the task still running and its group not paused."""
+    running = add(fake_pueue, "sleep 60")
+    add(fake_pueue, "true")
+    wait_for_status(fake_pueue, running, "Running")
+    fake_pueue.stop_daemon(graceful=False)
+    with open(fake_pueue.store.state_lock, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the new daemon's restore waits for this
+        daemon = subprocess.Popen([str(fake_pueue.daemon_bin)], start_new_session=True)
+        try:
+            deadline = time.monotonic() + WAIT
+            while not fake_pueue.store.daemon_running():
+                assert time.monotonic() < deadline and daemon.poll() is None
+                time.sleep(0.02)
+            during = fake_pueue.run("status", "--json")
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    try:
+        assert during.returncode == 1 and "Couldn't connect to the daemon" in during.stderr
+        assert result_of(fake_pueue, running) == "Killed"
+    finally:
+        fake_pueue.stop_daemon()
+        daemon.wait(timeout=WAIT)
 
 
 def test_a_graceful_stop_kills_before_the_restart_and_the_restart_pauses(fake_pueue):

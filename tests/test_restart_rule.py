@@ -99,10 +99,12 @@ def queued(task_id: int, enqueued: float) -> TaskInfo:
     return TaskInfo(task_id, f"mqi-c{task_id}-a1", "gpu", TaskState.QUEUED, enqueued_at=at(enqueued))
 
 
-def daemon(host_ahead: float = 0.0) -> DaemonStart:
-    """The daemon's start, asked 30 s after it; the host's clock `host_ahead` s ahead of ours."""
-    return DaemonStart(started_at=DAEMON, host_now=at(30),
-                       asked_at=at(30) - timedelta(seconds=host_ahead))
+def daemon(host_ahead: float = 0.0, call_seconds: float = 0.2) -> DaemonStart:
+    """The daemon's start, asked 30 s after it in a call that took `call_seconds`; the host's
+    clock `host_ahead` s ahead of ours."""
+    middle = at(30) - timedelta(seconds=host_ahead)
+    half = timedelta(seconds=call_seconds / 2)
+    return DaemonStart(started_at=DAEMON, host_now=at(30), asked_at=middle - half, answered_at=middle + half)
 
 
 def ours(seconds: float, host_ahead: float = 0.0) -> datetime:
@@ -120,6 +122,18 @@ def test_a_group_seen_running_before_the_restart_that_held_waiting_tasks_was_pau
 def test_a_group_seen_running_after_the_restart_was_paused_by_someone():
     verdict = pause_cause(PAUSED, [queued(2, -300)], daemon(), GroupSeen(running_at=ours(10)))
     assert verdict.cause is Cause.OPERATOR and "paused since by someone" in verdict.why
+
+
+def test_sightings_within_the_margin_of_the_start_are_no_evidence_of_a_person():
+    """Where the daemon's start falls on our clock is known to half the call's time (plus a
+    second): a sighting that close to it cannot show a pause before or after the restart."""
+    slow = daemon(call_seconds=4.0)  # placed to +-2 s, +1 s slack
+    assert pause_cause(PAUSED, [queued(2, -300)], slow, GroupSeen(running_at=ours(2.9))).cause is Cause.RESTART
+    assert pause_cause(PAUSED, [queued(2, -300)], slow, GroupSeen(running_at=ours(3.1))).cause is Cause.OPERATOR
+    paused_early = GroupSeen(running_at=ours(-60), paused_since=ours(-2.9))
+    assert pause_cause(PAUSED, [queued(2, -300)], slow, paused_early).cause is Cause.RESTART
+    paused_earlier = GroupSeen(running_at=ours(-60), paused_since=ours(-3.1))
+    assert pause_cause(PAUSED, [queued(2, -300)], slow, paused_earlier).cause is Cause.OPERATOR
 
 
 def test_a_group_already_paused_before_the_restart_was_paused_by_someone():

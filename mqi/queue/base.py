@@ -87,18 +87,25 @@ class DaemonStart:
     """When the daemon whose restart ends running tasks (pueue's `pueued`) started.
 
     `started_at` and `host_now` are read from the host's clock, as pueue's task times are;
-    `asked_at` is our clock when the host answered. Together they place the start on our clock,
-    to compare it with what we saw of the host ourselves.
+    `asked_at` and `answered_at` are our clock around the call that read them. Together they
+    place the start on our clock, to compare it with what we saw of the host ourselves, give or
+    take `uncertainty`.
     """
 
     started_at: datetime  # aware
     host_now: datetime
     asked_at: datetime
+    answered_at: datetime
 
     @property
     def clock_offset(self) -> timedelta:
-        """How far the host's clock runs ahead of ours (negative: behind)."""
-        return self.host_now - self.asked_at
+        """How far the host's clock runs ahead of ours (negative: behind), give or take
+        `uncertainty`: the host read its clock at some moment of our call."""
+        return self.host_now - (self.asked_at + (self.answered_at - self.asked_at) / 2)
+
+    @property
+    def uncertainty(self) -> timedelta:
+        return (self.answered_at - self.asked_at) / 2
 
     @property
     def started_at_here(self) -> datetime:

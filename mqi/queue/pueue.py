@@ -250,7 +250,8 @@ class PueueQueue(Queue):
         return DaemonStart(
             started_at=datetime.fromtimestamp(started, UTC),
             host_now=datetime.fromtimestamp(host_now, UTC),
-            asked_at=asked + (answered - asked) / 2,
+            asked_at=asked,
+            answered_at=answered,
         )
 
     def start_group(self, group: str) -> None:

@@ -28,7 +28,10 @@ them Killed with the time of the stop. An operator leaves the same marks by hand
 
 Task times and the daemon's start come from the host's clock (aware: pueue prints them in the
 host's local offset); what we saw of a group is on our clock, so it is compared with the
-daemon's start as placed on our clock (`DaemonStart.started_at_here`).
+daemon's start as placed on our clock (`DaemonStart.started_at_here`). That placing is known
+only to half the time the call took, plus CLOCK_SLACK; what we saw is taken as evidence of a
+person only when it is clear of that margin (seen running at the start of a status call: the
+host read its state after that; seen paused at its end: the host read it before that).
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ from mqi.queue.base import DaemonStart, GroupInfo, TaskInfo, TaskResult, TaskSta
 #: how long before the daemon's start a graceful stop may have killed a task (a reboot of a
 #: GPU server, its firmware checks included, fits well inside)
 SHUTDOWN_WINDOW = timedelta(minutes=15)
-#: allowance for the precision of the daemon's start (10 ms) and of the times pueue prints
+#: allowance for the precision of the daemon's start (10 ms), of the times pueue prints and of
+#: our clock against the host's
 CLOCK_SLACK = timedelta(seconds=1)
 
 
@@ -66,8 +70,8 @@ class Verdict:
 class GroupSeen:
     """What we last saw of a group, on our clock."""
 
-    running_at: datetime | None = None  # the last time it was seen running
-    paused_since: datetime | None = None  # the first time it was seen paused after that
+    running_at: datetime | None = None  # the last time it was seen running (a status call's start)
+    paused_since: datetime | None = None  # the first time it was seen paused after that (a call's end)
 
 
 def kill_cause(task: TaskInfo, daemon_started_at: datetime | None, host_tasks: Iterable[TaskInfo]) -> Verdict:
@@ -105,6 +109,7 @@ def pause_cause(group: GroupInfo, group_tasks: Iterable[TaskInfo], daemon: Daemo
     if daemon is None:
         return Verdict(Cause.OPERATOR, "no start of the pueue daemon could be read, so no restart is known")
     start_there, start_here = daemon.started_at, daemon.started_at_here
+    margin = daemon.uncertainty + CLOCK_SLACK
     waited = any(t.state is TaskState.QUEUED and _queued_at(t) is not None and _queued_at(t) < start_there
                  for t in group_tasks)
     if not waited:
@@ -112,10 +117,10 @@ def pause_cause(group: GroupInfo, group_tasks: Iterable[TaskInfo], daemon: Daemo
                                        "and pueue pauses only groups with waiting tasks")
     if seen is None or seen.running_at is None:
         return Verdict(Cause.OPERATOR, "it was never seen running, so it may have been paused before the restart")
-    if seen.running_at >= start_here:
+    if seen.running_at > start_here + margin:
         return Verdict(Cause.OPERATOR, f"it was seen running at {_text(seen.running_at)}, after the pueue daemon "
                                        f"started at {_text(start_here)}: paused since by someone")
-    if seen.paused_since is not None and seen.paused_since < start_here:
+    if seen.paused_since is not None and seen.paused_since < start_here - margin:
         return Verdict(Cause.OPERATOR, f"it was already paused at {_text(seen.paused_since)}, before the pueue "
                                        f"daemon started at {_text(start_here)}")
     return Verdict(Cause.RESTART, f"seen running at {_text(seen.running_at)}; the pueue daemon started again at "

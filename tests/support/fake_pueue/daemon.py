@@ -37,11 +37,12 @@ def run_daemon(state_dir: str) -> int:
     except BlockingIOError:
         sys.stderr.write(already_running_message())
         return 1
+    store.pid_file.unlink(missing_ok=True)  # a crashed daemon's: no client is answered before the restore
     daemon = Daemon(store)
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
     daemon.restore()
-    store.pid_file.write_text(str(os.getpid()))
+    store.write_pid_file(os.getpid())
     try:
         daemon.loop()
     finally:

@@ -122,6 +122,14 @@ class StateDir:
                 return True
             return False
 
+    def write_pid_file(self, pid: int) -> None:
+        _write_atomically(self.pid_file, str(pid))  # no newline, as pueue writes it
+
+    def daemon_accepting(self) -> bool:
+        """The daemon answers clients: pueue opens its socket only after restoring its state, and
+        the fake daemon writes its pid file only then (removing a crashed daemon's first)."""
+        return self.pid_file.exists() and self.daemon_running()
+
     def daemon_pid(self) -> int | None:
         try:
             return int(self.pid_file.read_text())
