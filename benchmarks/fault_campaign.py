@@ -33,6 +33,7 @@ FAULTS = {
     "test_cases_waiting_through_a_20_second_ssh_outage_all_complete": "sshd down 20 s while 3 cases wait",
     "test_connection_cut_mid_transfer_is_retried_and_verified": "SSH connections cut mid-{}",
     "test_pueue_daemon_restart_needs_no_person": "pueue daemon restart ({}) with a case queued behind",
+    "test_a_task_killed_by_a_person_is_an_infrastructure_failure_not_retried": "task killed by `pueue kill` while it runs",
     "test_a_group_paused_by_a_person_is_left_paused_shown_with_its_cause_and_announced_once":
         "pueue group paused by a person while a case waits",
     "test_task_cleaned_before_seen_done_is_decided_from_its_results_and_a_reused_id_is_not_ours":

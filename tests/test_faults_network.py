@@ -184,6 +184,26 @@ def test_a_group_paused_by_a_person_is_left_paused_shown_with_its_cause_and_anno
     assert outcome.get("state") == "completed"
 
 
+def test_a_task_killed_by_a_person_is_an_infrastructure_failure_not_retried(tmp_path, sshd, fake_pueue):
+    """`pueue kill` under a running daemon is somebody's decision: the case fails, no new attempt
+    (retry.max_attempts, default 1), and the message says it was not a restart."""
+    host = ssh_host(tmp_path, sshd, fake_pueue)
+    host["pueue_pid_file"] = str(fake_pueue.store.pid_file)
+    site = start(settings_for(tmp_path, [host], command="sleep 60"))
+    folder = make_case(tmp_path, "killed-by-a-person")
+    runner, outcome = run_in_background(folder)
+    wait_for(lambda: case_state(site, folder) is CaseState.RUNNING, timeout=60, what="the case to run")
+    [attempt] = site.ledger.attempts(site.ledger.find_case(str(folder)).id)
+    assert fake_pueue.run("kill", str(attempt.task_id)).returncode == 0
+
+    runner.join(60)
+    case = site.ledger.find_case(str(folder))
+    assert outcome.get("state") == "failed" and case.failure_category is FailureCategory.INFRASTRUCTURE
+    assert [a.result for a in site.ledger.attempts(case.id)] == [AttemptResult.KILLED]
+    assert case.failure_message.startswith("the task was killed on the host, not by a pueue daemon restart: ")
+    assert "under the daemon running since" in case.failure_message
+
+
 @contextmanager
 def reconciling_on_a_schedule(interval: float = 1.0) -> Iterator[list[str]]:
     """The main job's reconcile, run every `interval` seconds while the block runs."""
