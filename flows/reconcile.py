@@ -7,6 +7,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.events import emit_event
 
 from mqi import casework, claims, restarts
+from mqi.host_health import reachable_hosts
 from mqi.host_report import artifact_rows, host_reports
 from mqi.ledger.states import AttemptResult, CaseState
 from mqi.queue.base import QueueError
@@ -57,7 +58,10 @@ def resume_groups_paused_by_restart() -> list[str]:
     a group a person paused is left paused, its cause kept for `mqi hosts`, announced once."""
     site = get_site()
     notes = []
+    usable = reachable_hosts(site.settings.state_dir, [host.name for host in site.settings.hosts])
     for host in site.settings.hosts:
+        if host.name not in usable:
+            continue  # marked down: looked at again once it answers
         try:
             paused = restarts.check_paused_groups(site, host.name)
         except (TransportError, QueueError) as exc:

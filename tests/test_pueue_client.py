@@ -401,12 +401,13 @@ def test_after_a_daemon_restart_running_tasks_are_killed(local_queue, pueue_host
 
 
 def test_the_daemons_start_is_read_from_its_pid_file_over_ssh(ssh_queue, pueue_host):
-    """What a restart leaves as evidence: the start of the `pueued` the pid file names, exact
-    to the kernel's clock tick, and the host's clock beside it; a new daemon, a new start."""
+    """What a restart leaves as evidence: the start of the `pueued` the pid file names, from
+    the kernel, and the host's clock beside it; a new daemon, a new start."""
     queue = PueueQueue(ssh_queue.transport, pueue=str(pueue_host.bin), pid_file=str(pueue_host.store.pid_file))
     first = queue.daemon_start()
-    assert abs(first.started_at.timestamp() - _kernel_start(pueue_host.store.daemon_pid())) < 0.05
-    assert abs(first.clock_offset.total_seconds()) < 0.5  # one machine: one clock
+    # well inside the rule's one-second slack (10 ms on an idle host; this one may be busy)
+    assert abs(first.started_at.timestamp() - _kernel_start(pueue_host.store.daemon_pid())) < 0.2
+    assert abs(first.clock_offset) <= first.uncertainty + timedelta(seconds=0.05)  # one machine: one clock
     pueue_host.restart_daemon(graceful=False)
     before_restart_ended = time.time()
     second = queue.daemon_start()
@@ -425,7 +426,7 @@ def test_the_daemons_pid_file_is_found_in_pueues_default_places(pueue_host, tmp_
     monkeypatch.setenv("XDG_DATA_HOME", str(data))
     queue = PueueQueue(LocalTransport("gpu-local"), pueue=str(pueue_host.bin))
     start = queue.daemon_start()
-    assert abs(start.started_at.timestamp() - _kernel_start(pueue_host.store.daemon_pid())) < 0.05
+    assert abs(start.started_at.timestamp() - _kernel_start(pueue_host.store.daemon_pid())) < 0.2
     (data / "pueue" / "pueue.pid").unlink()
     assert queue.daemon_start() is None
     pueue_host.stop_daemon()
@@ -446,9 +447,13 @@ def test_start_group_resumes_a_paused_group(queue, pueue_host, tmp_path):
 def _kernel_start(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         ticks = int(stat.read().rpartition(")")[2].split()[19])
+    before, now, after = _uptime(), time.time(), _uptime()
+    return now - (before + after) / 2 + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _uptime() -> float:
     with open("/proc/uptime") as uptime:
-        seconds_up = float(uptime.read().split()[0])
-    return time.time() - seconds_up + ticks / os.sysconf("SC_CLK_TCK")
+        return float(uptime.read().split()[0])
 
 
 # --- helpers ---

@@ -60,10 +60,10 @@ _PUEUE_NOT_FOUND_CODES = {126, 127}
 # ($1 if configured, else pueue's default places: $XDG_RUNTIME_DIR/pueue.pid in v4, the pueue
 # directory in v3 and without XDG_RUNTIME_DIR); it counts only if that process is alive, ours
 # and called `pueued` (a stale file may name a reused pid). The kernel's start of the process
-# (/proc/PID/stat field 22, in clock ticks after boot) against the uptime read right before the
-# host's clock is exact to 10 ms, unlike the file's mtime, `ps -o lstart` or /proc/stat's
-# whole-second boot time. Prints "pid start-ticks ticks-per-second uptime host-now"; exit 3: no
-# running pueued found. Only shell builtins, plus getconf and date.
+# (/proc/PID/stat field 22, in clock ticks after boot) against the uptime read on either side of
+# the host's clock is exact to 10 ms on an idle host, unlike the file's mtime, `ps -o lstart` or
+# /proc/stat's whole-second boot time. Prints "pid start-ticks ticks-per-second uptime host-now
+# uptime"; exit 3: no running pueued found. Only shell builtins, plus getconf and date.
 _DAEMON_START_SCRIPT = r"""
 started() {
   [ -f "$1" ] || return 1
@@ -76,9 +76,10 @@ started() {
   set -- ${stat##*) }
   shift 19
   hz=$(getconf CLK_TCK)
-  read -r uptime _ < /proc/uptime
+  read -r up_before _ < /proc/uptime
   now=$(date +%s.%N)
-  echo "$pid $1 $hz $uptime $now"
+  read -r up_after _ < /proc/uptime
+  echo "$pid $1 $hz $up_before $now $up_after"
 }
 if [ -n "$1" ]; then started "$1" && exit 0; exit 3; fi
 for file in ${XDG_RUNTIME_DIR:+"$XDG_RUNTIME_DIR/pueue.pid"} \
@@ -240,10 +241,11 @@ class PueueQueue(Queue):
                      self.pid_file or "in pueue's default places")
             return None
         try:
-            _pid, ticks, hz, uptime, now = result.check().out.split()
+            _pid, ticks, hz, up_before, now, up_after = result.check().out.split()
             seconds, _, fraction = now.partition(".")  # busybox's date has no %N
             host_now = int(seconds) + (float(f"0.{fraction}") if fraction.isdigit() else 0.0)
-            started = host_now - (float(uptime) - int(ticks) / int(hz))
+            uptime = (float(up_before) + float(up_after)) / 2  # when `date` ran, on a busy host too
+            started = host_now - (uptime - int(ticks) / int(hz))
         except ValueError:
             raise QueueError(f"host {self.host!r}: cannot read the start of its pueue daemon: "
                              f"unexpected answer {result.out.strip()[:100]!r}") from None
