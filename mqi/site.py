@@ -141,7 +141,7 @@ class Site:
         these times: it tells a restart's pause from a person's."""
         try:
             record_seen(self.settings.state_dir, host_name, snapshot.groups, asked_at, answered_at)
-        except OSError as exc:  # a record missed makes a later pause look like a person's: safe
+        except OSError as exc:  # best effort: the previous record stays, a little older
             log.warning("host %s: could not record its groups' status: %s", host_name, exc)
 
     def _make_queue(self, host: HostSettings) -> Queue:
