@@ -31,7 +31,10 @@ FAULTS = {
     "test_killed_at_each_step_the_case_completes_once": "orchestrator SIGKILLed {}",
     "test_cases_waiting_through_a_20_second_ssh_outage_all_complete": "sshd down 20 s while 3 cases wait",
     "test_connection_cut_mid_transfer_is_retried_and_verified": "SSH connections cut mid-{}",
-    "test_pueue_daemon_restart_fails_the_case_and_reports_the_paused_group": "pueue daemon crash and restart",
+    "test_pueue_daemon_restart_needs_no_person": "pueue daemon restart ({}) with a case queued behind",
+    "test_a_task_killed_by_a_person_is_an_infrastructure_failure_not_retried": "task killed by `pueue kill` while it runs",
+    "test_a_group_paused_by_a_person_is_left_paused_shown_with_its_cause_and_announced_once":
+        "pueue group paused by a person while a case waits",
     "test_task_cleaned_before_seen_done_is_decided_from_its_results_and_a_reused_id_is_not_ours":
         "`pueue clean` before seen done, id reused by another task",
     "test_task_cleaned_without_results_is_lost_with_a_clear_reason": "`pueue clean` of a task that left no results",

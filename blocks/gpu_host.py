@@ -61,6 +61,7 @@ class GpuHost(Block):
     connect_timeout: float = _as_in_host_settings("connect_timeout")
     command_timeout: float = _as_in_host_settings("command_timeout")
     pueue: str = _as_in_host_settings("pueue")
+    pueue_pid_file: str | None = _as_in_host_settings("pueue_pid_file")
     nvidia_smi: str = _as_in_host_settings("nvidia_smi")
     avoid_foreign_gpu_processes: bool = _as_in_host_settings("avoid_foreign_gpu_processes")
     workdir: str = _as_in_host_settings("workdir")

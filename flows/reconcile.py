@@ -1,12 +1,15 @@
-"""`reconcile`: put right what crashes and outages left behind."""
+"""`reconcile`: put right what crashes, outages and GPU server restarts left behind."""
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.events import emit_event
 
-from mqi import casework
+from mqi import casework, restarts
+from mqi.host_health import reachable_hosts
 from mqi.host_report import artifact_rows, host_reports
+from mqi.queue.base import QueueError
 from mqi.runtime import get_site
 from mqi.transport.base import TransportError
 from tasks.launch import launch_cases, running_case_ids
@@ -50,6 +53,39 @@ def resume_orphaned_cases() -> list[str]:
     return [f"case {c.name}: resumed from {c.state.value}" for c in orphans]
 
 
+@task(name="resume-groups-paused-by-restart")
+def resume_groups_paused_by_restart() -> list[str]:
+    """Groups holding our queued tasks that a pueue daemon restart paused are started again;
+    a group a person paused is left paused, its cause kept for `mqi hosts`, announced once."""
+    site = get_site()
+    notes = []
+    usable = reachable_hosts(site.settings.state_dir, [host.name for host in site.settings.hosts])
+    for host in site.settings.hosts:
+        if host.name not in usable:
+            continue  # marked down: looked at again once it answers
+        try:
+            paused = restarts.check_paused_groups(site, host.name)
+        except (TransportError, QueueError) as exc:
+            notes.append(f"host {host.name}: paused groups not checked: {exc}")
+            continue
+        for group in paused:
+            if group.announce:
+                emit_group_paused_event(group)
+            notes.append(group.note)
+    return notes
+
+
+def emit_group_paused_event(paused: restarts.PausedGroup) -> None:
+    """`mqi.group.paused`: a group holding our cases was paused by a person, not a restart."""
+    emit_event(
+        "mqi.group.paused",
+        resource={"prefect.resource.id": f"mqi.group.{paused.host}.{paused.group}",
+                  "prefect.resource.name": f"{paused.host}/{paused.group}"},
+        related=[{"prefect.resource.id": f"mqi.host.{paused.host}", "prefect.resource.role": "host"}],
+        payload={"cause": paused.verdict.why, "waiting_cases": paused.waiting},
+    )
+
+
 @task(name="repair-gpu-limits")
 def repair_gpu_limits() -> list[str]:
     """Prefect's GPU limits made what the ledger says (a server restart loses leases, a dead
@@ -67,9 +103,10 @@ def report_hosts() -> list[str]:
 
 @flow(name="reconcile")
 def reconcile() -> list[str]:
-    """Adopt lost task ids, kill stray tasks, resume orphaned cases, repair the GPU limits."""
-    notes = (adopt_unknown_tasks() + kill_stray_tasks() + resume_orphaned_cases() + repair_gpu_limits()
-             + report_hosts())
+    """Adopt lost task ids, kill stray tasks, resume orphaned cases, start groups a pueue restart
+    paused, repair the GPU limits."""
+    notes = (adopt_unknown_tasks() + kill_stray_tasks() + resume_orphaned_cases() + resume_groups_paused_by_restart()
+             + repair_gpu_limits() + report_hosts())
     for note in notes:
         get_run_logger().info(note)
     if notes:

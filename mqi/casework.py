@@ -25,6 +25,7 @@ from mqi.ledger.engine import LedgerError
 from mqi.ledger.store import CaseMovedOn, folder_key
 from mqi.ledger.states import ACTIVE_STATES, AttemptResult, CaseState, FailureCategory
 from mqi.queue.base import QueueError, SubmitRequest, TaskInfo, TaskResult, TaskState
+from mqi.restarts import explain_kill
 from mqi.site import Placement, Site
 from mqi.stopping import pause, watching
 from mqi.transport.base import TransportError
@@ -483,7 +484,8 @@ def _fail_without_results(site: Site, case: Case, attempt: Attempt, missing: str
 
 def fail_case(site: Site, case: Case, attempt: Attempt | None, category: FailureCategory, message: str,
               actor: str, *, result: AttemptResult = AttemptResult.FAILED, exit_code: int | None = None,
-              only_from: frozenset[CaseState] | set[CaseState] = ACTIVE_STATES - {CaseState.KILLING}) -> None:
+              only_from: frozenset[CaseState] | set[CaseState] = ACTIVE_STATES - {CaseState.KILLING},
+              host_fault: bool = False) -> None:
     """The case failed (its attempt, if live, ends in the same transaction); retried if allowed.
     Nothing happens if the case has meanwhile left `only_from` (a cancel came first)."""
     failed = site.ledger.transition(
@@ -492,23 +494,26 @@ def fail_case(site: Site, case: Case, attempt: Attempt | None, category: Failure
         only_from=only_from, message=message, failure_category=category, failure_message=message,
     )
     if failed is not None:
-        retry_if_allowed(site, case, category, actor)
+        retry_if_allowed(site, case, category, actor, host_fault=host_fault)
 
 
 # Failures the retry policy may try again; an input error never is, a timeout only if set.
 RETRYABLE = frozenset({FailureCategory.ENGINE, FailureCategory.INFRASTRUCTURE, FailureCategory.LOST})
 
 
-def retry_if_allowed(site: Site, case: Case, category: FailureCategory, actor: str) -> bool:
-    """Send a failed case back to pending as a new attempt when `retry` allows it."""
+def retry_if_allowed(site: Site, case: Case, category: FailureCategory, actor: str, *,
+                     host_fault: bool = False) -> bool:
+    """Send a failed case back to pending as a new attempt when `retry` allows it;
+    `host_fault`: the host ended the task (a pueue daemon restart), retried by default."""
     policy = site.settings.retry
     retryable = category in RETRYABLE or (category is FailureCategory.TIMEOUT and policy.retry_timeouts)
     attempts = len(site.ledger.attempts(case.id))
-    if not retryable or attempts >= policy.max_attempts:
+    allowed = policy.attempts_allowed(host_fault)
+    if not retryable or attempts >= allowed:
         return False
     return site.ledger.transition(
         case.id, CaseState.PENDING, actor=actor, only_from={CaseState.FAILED},
-        message=f"automatic retry after {category} (attempt {attempts + 1} of {policy.max_attempts})",
+        message=f"automatic retry after {category} (attempt {attempts + 1} of {allowed})",
     ) is not None
 
 
@@ -549,10 +554,10 @@ def record_outcome(site: Site, case: Case, attempt: Attempt, outcome: WaitOutcom
         message = engine_failure_message(site, attempt, outcome)
         category = FailureCategory.ENGINE if outcome.exit_code is not None else FailureCategory.INFRASTRUCTURE
         fail_case(site, case, attempt, category, message, actor, exit_code=outcome.exit_code, only_from=WAITING)
-    else:  # killed on the host by someone else, or by a pueue daemon restart
-        fail_case(site, case, attempt, FailureCategory.INFRASTRUCTURE,
-                  "the task was killed on the host (an operator, or a pueue daemon restart)", actor,
-                  result=AttemptResult.KILLED, only_from=WAITING)
+    else:  # killed on the host: by a pueue daemon restart (retried by default), or by someone else
+        killed = explain_kill(site, attempt, outcome.task)
+        fail_case(site, case, attempt, FailureCategory.INFRASTRUCTURE, killed.message, actor,
+                  result=AttemptResult.KILLED, host_fault=killed.by_restart, only_from=WAITING)
 
 
 # -- admission and reconciliation ----------------------------------------------------------

@@ -20,10 +20,12 @@ from datetime import tzinfo
 from typing import Any
 
 from mqi.gpu import Gpu, GpuProcess, in_devices, query_gpus
+from mqi.group_sightings import GroupRecord, group_records
 from mqi.host_health import HostHealth, host_health, record_host_ok, record_transport_error
 from mqi.queue.base import QueueError, QueueSnapshot, TaskState
 from mqi.settings import HostSettings
 from mqi.site import Site
+from mqi.timefmt import utc_now
 from mqi.transport.base import TransportError
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class GroupReport:
     on_host: str | None = None  # "ok", "missing" or "paused"; None when the queue did not answer
     running: int = 0
     queued: int = 0
+    pause_cause: str | None = None  # why it is paused, as reconcile found (None: not looked into)
 
 
 @dataclass(frozen=True)
@@ -109,18 +112,22 @@ def check_host(site: Site, host: HostSettings, timeout: float) -> HostReport:
     state_dir = site.settings.state_dir
     command_timeout = min(timeout, host.command_timeout)
     try:
+        asked_at = utc_now()
         queue, snapshot, queue_problem = _queue_state(site, host, command_timeout)
+        answered_at = utc_now()
         gpu_report = query_gpus(site.transport(host.name), command_timeout, host.nvidia_smi)
     except TransportError as error:
         record_transport_error(state_dir, error)
         return _unanswered(site, host, str(error), time.monotonic() - started)
+    if snapshot is not None:
+        site.note_groups_seen(host.name, snapshot, asked_at, answered_at)
     return HostReport(
         host.name,
         address(host),
         reachable=True,
         queue=queue,
         queue_problem=queue_problem,
-        groups=group_reports(host, snapshot),
+        groups=group_reports(host, snapshot, group_records(state_dir, host.name)),
         gpus=tuple(GpuLine(gpu, gpu_report.foreign_on(gpu)) for gpu in gpu_report.gpus),
         gpu_problem=gpu_report.problem,
         health=record_host_ok(state_dir, host.name),
@@ -157,8 +164,12 @@ def pueue_version(site: Site, host: HostSettings, timeout: float) -> str:
     return lines[-1]
 
 
-def group_reports(host: HostSettings, snapshot: QueueSnapshot | None) -> tuple[GroupReport, ...]:
-    """The configured groups, with their state and task counts on the host when known."""
+def group_reports(
+    host: HostSettings, snapshot: QueueSnapshot | None, records: dict[str, GroupRecord] | None = None
+) -> tuple[GroupReport, ...]:
+    """The configured groups, with their state and task counts on the host when known, and
+    the recorded cause of a pause."""
+    records = records or {}
     if snapshot is None:
         return tuple(GroupReport(g.name, g.slots, g.devices) for g in host.groups)
     reports = []
@@ -168,8 +179,10 @@ def group_reports(host: HostSettings, snapshot: QueueSnapshot | None) -> tuple[G
         tasks = [t for t in snapshot.tasks.values() if t.group == group.name]
         running = sum(t.state in RUNNING_STATES for t in tasks)
         queued = sum(t.state in WAITING_STATES for t in tasks)
+        record = records.get(group.name)
+        cause = record.pause_cause if on_host == "paused" and record is not None else None
         reports.append(
-            GroupReport(group.name, group.slots, group.devices, on_host, running, queued)
+            GroupReport(group.name, group.slots, group.devices, on_host, running, queued, cause)
         )
     return tuple(reports)
 
@@ -206,6 +219,7 @@ def report_json(report: HostReport, zone: tzinfo) -> dict[str, Any]:
                 "on_host": g.on_host,
                 "running": g.running,
                 "queued": g.queued,
+                "pause_cause": g.pause_cause,
             }
             for g in report.groups
         ],
@@ -258,6 +272,10 @@ def health_text(health: HostHealth | None, zone: tzinfo) -> str:
     return f"skipped (down since {since:%m-%d %H:%M}) until {retry_at:%m-%d %H:%M}"
 
 
+def _on_host_text(group: GroupReport) -> str:
+    return f"paused: {group.pause_cause}" if group.pause_cause else group.on_host or "?"
+
+
 def gpu_text(gpu: Gpu) -> str:
     """'35% 1000/40960 MiB', with '?' for what nvidia-smi could not read."""
 
@@ -284,7 +302,7 @@ def artifact_rows(reports: list[HostReport]) -> list[dict[str, Any]]:
                     "queue": report.queue_problem or report.queue or "",
                     "group": group.name,
                     "slots": group.slots,
-                    "on host": group.on_host or "?",
+                    "on host": _on_host_text(group),
                     "running": group.running,
                     "queued": group.queued,
                     "gpus": "; ".join(f"{line.gpu.index}: {gpu_text(line.gpu)}" for line in gpus)

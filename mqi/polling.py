@@ -63,14 +63,18 @@ class SharedStatus:
         *,
         clock: Callable[[], float] = time.time,
         on_call: Callable[[Exception | None], None] = lambda error: None,
+        on_snapshot: Callable[[QueueSnapshot, float, float], None] = lambda snapshot, asked, answered: None,
     ):
-        """`on_call` hears the outcome of every real status call (None: it succeeded)."""
+        """`on_call` hears the outcome of every real status call (None: it succeeded);
+        `on_snapshot` gets the answer of every one that succeeded, with the clock's times when
+        the call was made and answered."""
         if not _SAFE_HOST.match(queue.host):
             raise ValueError(f"host name {queue.host!r} cannot name a cache file")
         self.queue = queue
         self.max_age = max_age
         self._clock = clock
         self._on_call = on_call
+        self._on_snapshot = on_snapshot
         cache_dir.mkdir(parents=True, exist_ok=True)
         self._cache_file = cache_dir / f"{queue.host}.json"
         self._lock_file = cache_dir / f"{queue.host}.lock"
@@ -113,6 +117,7 @@ class SharedStatus:
             self._loaded = None
 
     def _refresh(self) -> QueueSnapshot:
+        asked_at = self._clock()
         try:
             snapshot = self.queue.snapshot()
         except Exception as exc:
@@ -123,6 +128,7 @@ class SharedStatus:
         self._on_call(None)
         # The end of the call, not its start: callers waiting on a slow call must not repeat it.
         taken_at = self._clock()
+        self._on_snapshot(snapshot, asked_at, taken_at)
         self._loaded = self._store(snapshot, taken_at)
         self._last_error = None
         self._attempts += 1

@@ -169,6 +169,12 @@ class HostSettings(StrictModel):
     connect_timeout: float = Field(10.0, gt=0)
     command_timeout: float = Field(60.0, gt=0)
     pueue: str = "pueue"
+    pueue_pid_file: str | None = Field(
+        None,
+        pattern=r"^/",
+        description="the pid file of the host's pueue daemon (pueue.yml's pid_path), when not in pueue's default "
+        "places ($XDG_RUNTIME_DIR/pueue.pid, ~/.local/share/pueue/pueue.pid); tells when the daemon restarted",
+    )
     nvidia_smi: str = Field(
         "nvidia-smi", min_length=1,
         description="nvidia-smi on the host; an absolute path, since a non-login shell's PATH may lack it",
@@ -223,8 +229,19 @@ class TransferSettings(StrictModel):
 
 
 class RetrySettings(StrictModel):
-    max_attempts: int = Field(1, ge=1, description="attempts for an engine failure; 1 = no retry")
+    max_attempts: int = Field(
+        1, ge=1, description="attempts in all for an engine, lost or infrastructure failure; 1 = no retry"
+    )
+    infrastructure_attempts: int = Field(
+        3, ge=1,
+        description="attempts in all when the host ended the task itself (killed by a pueue daemon restart); "
+        "never fewer than max_attempts",
+    )
     retry_timeouts: bool = False
+
+    def attempts_allowed(self, host_fault: bool) -> int:
+        """Attempts in all for a failure; `host_fault`: the host ended the task (a daemon restart)."""
+        return max(self.max_attempts, self.infrastructure_attempts) if host_fault else self.max_attempts
 
 
 class PrefectSettings(StrictModel):

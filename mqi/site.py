@@ -6,23 +6,28 @@ shares one connection and one status poll per host.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 
 from mqi.arrival_line import ArrivalGate, ArrivalLine, ExpectedArrivals
 from mqi.errors import ConfigError
 from mqi.gpu import GpuCache
+from mqi.group_sightings import record_seen
 from mqi.host_health import HostHealth, record_host_ok, record_transport_error
 from mqi.ledger.states import SLOT_STATES
 from mqi.ledger.store import Ledger
 from mqi.polling import SharedLogTails, SharedStatus
-from mqi.queue.base import Queue
+from mqi.queue.base import Queue, QueueSnapshot
 from mqi.settings import GroupSettings, HostSettings, Settings
 from mqi.transport.base import Transport, TransportError
+
+log = logging.getLogger(__name__)
 
 # Between rounds of the cases waiting for a GPU slot: short, since only cases the inbox scan
 # admitted (as many as the groups hold) wait, and a freed slot should not stay idle. A slot
@@ -113,6 +118,9 @@ class Site:
                     cache_dir=self.settings.state_dir / "status-cache",
                     max_age=self.settings.case.poll_seconds,
                     on_call=lambda error: self.note_host_call(host_name, error),
+                    on_snapshot=lambda snapshot, asked, answered: self.note_groups_seen(
+                        host_name, snapshot, datetime.fromtimestamp(asked, UTC), datetime.fromtimestamp(answered, UTC)
+                    ),
                 )
             return self._statuses[host_name]
 
@@ -142,6 +150,15 @@ class Site:
             for listener in self.host_listeners:
                 listener(health)
 
+    def note_groups_seen(self, host_name: str, snapshot: QueueSnapshot, asked_at: datetime,
+                         answered_at: datetime) -> None:
+        """Keep what the host's groups were doing during one status call, asked and answered at
+        these times: it tells a restart's pause from a person's."""
+        try:
+            record_seen(self.settings.state_dir, host_name, snapshot.groups, asked_at, answered_at)
+        except OSError as exc:  # best effort: the previous record stays, a little older
+            log.warning("host %s: could not record its groups' status: %s", host_name, exc)
+
     def _make_queue(self, host: HostSettings) -> Queue:
         _require_resolved(host)
         if host.queue == "local":
@@ -151,7 +168,8 @@ class Site:
             return LocalQueue(self.settings.state_dir / "queue" / host.name, groups, host=host.name)
         from mqi.queue.pueue import PueueQueue
 
-        return PueueQueue(self.transport(host.name), pueue=host.pueue, timeout=host.command_timeout)
+        return PueueQueue(self.transport(host.name), pueue=host.pueue, timeout=host.command_timeout,
+                          pid_file=host.pueue_pid_file)
 
     def close(self) -> None:
         for transport in self._transports.values():

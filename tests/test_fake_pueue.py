@@ -7,7 +7,9 @@ restarts, parallel limits, and the records kept for tests and benchmarks.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import subprocess
 import time
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from mqi.queue.pueue_json import parse_timestamp
 from tests.support.pueue_fixtures import FakePueue, install_fake_pueue
 
 SHARED_PUEUE = Path(__file__).resolve().parents[1] / ".." / "shared" / "pueue"
@@ -443,6 +446,101 @@ def test_after_a_daemon_crash_the_next_start_kills_leftover_tasks(fake_pueue):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert [r["event"] for r in fake_pueue.task_history()] == ["start", "end"]
+
+
+def _process_start(pid: int) -> float:
+    """The kernel's start of a process, on the epoch clock."""
+    with open(f"/proc/{pid}/stat") as stat:
+        ticks = int(stat.read().rpartition(")")[2].split()[19])
+    before, now, after = _uptime(), time.time(), _uptime()
+    return now - (before + after) / 2 + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _uptime() -> float:
+    with open("/proc/uptime") as uptime:
+        return float(uptime.read().split()[0])
+
+
+def _done(pueue: FakePueue, task_id: int) -> tuple[str | None, str | None, object]:
+    """(start, end, result) of a finished task, from either JSON format."""
+    raw = wait_for_status(pueue, task_id, "Done")
+    done = raw["status"]["Done"]
+    if isinstance(done, dict) and "result" in done:  # v4: times inside the status
+        return done["start"], done["end"], done["result"]
+    return raw["start"], raw["end"], done
+
+
+@pytest.mark.parametrize("fmt", ["v3", "v4"])
+def test_a_crashed_daemons_restart_is_shown_as_pueue_shows_it(fake_pueue, fmt):
+    """restore_state: the running task Done/Killed (v4: ended at the restore, v3: no end time),
+    the group with a queued task paused, an idle group left running; the new daemon is a
+    process called `pueued` whose pid is in its pid file, started at the restart."""
+    fake_pueue.set_format(fmt)
+    fake_pueue.add_group("idle", 1)
+    running = add(fake_pueue, "sleep 60")
+    queued = add(fake_pueue, "true")
+    wait_for_status(fake_pueue, running, "Running")
+    fake_pueue.stop_daemon(graceful=False)
+    before_start = time.time()
+    fake_pueue.start_daemon()
+
+    start, end, result = _done(fake_pueue, running)
+    pid = fake_pueue.store.daemon_pid()
+    assert (fake_pueue.state_dir / "pueue.pid").read_text() == str(pid)
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "pueued"
+    daemon_start = _process_start(pid)
+    assert before_start - 0.1 <= daemon_start <= time.time()
+    assert result == "Killed" and start is not None
+    if fmt == "v4":
+        assert daemon_start - 0.1 <= parse_timestamp(end).timestamp() <= time.time()
+    else:
+        assert end is None
+    groups = fake_pueue.status()["groups"]
+    assert (groups["default"]["status"], groups["idle"]["status"]) == ("Paused", "Running")
+    assert status_name(fake_pueue, queued) == "Queued"
+
+
+def test_no_client_sees_the_state_from_before_the_restore(fake_pueue):
+    """pueue opens its socket after restore_state: a status call during the restart fails to
+    connect rather than show the task still running and its group not paused."""
+    running = add(fake_pueue, "sleep 60")
+    add(fake_pueue, "true")
+    wait_for_status(fake_pueue, running, "Running")
+    fake_pueue.stop_daemon(graceful=False)
+    with open(fake_pueue.store.state_lock, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the new daemon's restore waits for this
+        daemon = subprocess.Popen([str(fake_pueue.daemon_bin)], start_new_session=True)
+        try:
+            deadline = time.monotonic() + WAIT
+            while not fake_pueue.store.daemon_running():
+                assert time.monotonic() < deadline and daemon.poll() is None
+                time.sleep(0.02)
+            during = fake_pueue.run("status", "--json")
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    try:
+        assert during.returncode == 1 and "Couldn't connect to the daemon" in during.stderr
+        assert result_of(fake_pueue, running) == "Killed"
+    finally:
+        fake_pueue.stop_daemon()
+        daemon.wait(timeout=WAIT)
+
+
+def test_a_graceful_stop_kills_before_the_restart_and_the_restart_pauses(fake_pueue):
+    """SIGTERM (a reboot, `pueue shutdown`): the daemon kills its tasks, recorded Killed with
+    the time of the stop, starts nothing more; the next start pauses the waiting group."""
+    running = add(fake_pueue, "sleep 60")
+    queued = add(fake_pueue, "true")
+    wait_for_status(fake_pueue, running, "Running")
+    fake_pueue.stop_daemon(graceful=True)
+    stopped = time.time()
+    fake_pueue.start_daemon()
+
+    _, end, result = _done(fake_pueue, running)
+    assert result == "Killed" and parse_timestamp(end).timestamp() <= stopped
+    assert parse_timestamp(end).timestamp() < _process_start(fake_pueue.store.daemon_pid())
+    assert fake_pueue.status()["groups"]["default"]["status"] == "Paused"
+    assert status_name(fake_pueue, queued) == "Queued"
 
 
 # -- JSON formats ------------------------------------------------------------------------------------

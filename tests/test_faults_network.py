@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
 
@@ -112,24 +114,137 @@ def _uploaded_intact(folder: Path, remote: Path) -> bool:
     return remote_inputs == tree_digest(folder)
 
 
-def test_pueue_daemon_restart_fails_the_case_and_reports_the_paused_group(tmp_path, sshd, fake_pueue):
+@pytest.mark.parametrize("restart", ["crash-v4", "graceful-v3"])
+def test_pueue_daemon_restart_needs_no_person(tmp_path, sshd, fake_pueue, restart):
+    """`queue_ahead: 1`: one case runs, the next waits in pueue behind it; the daemon restarts
+    (a crash, or a graceful stop as at a reboot), killing the first and pausing the group. With
+    only what the main job does (reconcile, on its schedule) every case completes, the killed
+    one as a second attempt, and nothing announces a person's pause."""
+    how, fmt = restart.split("-")
+    fake_pueue.set_format(fmt)
+    gate = tmp_path / "restarted"  # the engine runs for a minute until the daemon has restarted
+    host = ssh_host(tmp_path, sshd, fake_pueue, groups=({"name": "default", "slots": 1, "queue_ahead": 1},))
+    host["pueue_pid_file"] = str(fake_pueue.store.pid_file)
+    site = start(settings_for(tmp_path, [host], command=f"[ -e {gate} ] || sleep 60; {OUTPUT}"))
+    first, second = make_case(tmp_path, "killed-by-restart"), make_case(tmp_path, "queued-behind")
+    first_runner, first_outcome = run_in_background(first)
+    wait_for(lambda: case_state(site, first) is CaseState.RUNNING, timeout=60, what="the first case to run")
+    second_runner, second_outcome = run_in_background(second)
+    wait_for(lambda: case_state(site, second) is CaseState.QUEUED, timeout=60, what="the second case to queue")
+
+    fake_pueue.restart_daemon(graceful=how == "graceful")
+    gate.touch()
+    with reconciling_on_a_schedule() as reconcile_notes:
+        first_runner.join(120)
+        second_runner.join(60)
+
+    assert (first_outcome.get("state"), second_outcome.get("state")) == ("completed", "completed"), (
+        first_outcome, second_outcome)
+    killed = site.ledger.find_case(str(first))
+    attempts = site.ledger.attempts(killed.id)
+    assert [a.result for a in attempts] == [AttemptResult.KILLED, AttemptResult.SUCCESS]
+    moves = [(e.to_state, e.message) for e in site.ledger.events(killed.id)]
+    [failed_at] = [n for n, (state, _) in enumerate(moves) if state is CaseState.FAILED]
+    assert "killed by a restart of the pueue daemon" in moves[failed_at][1]
+    assert moves[failed_at + 1][0] is CaseState.PENDING
+    assert moves[failed_at + 1][1].startswith("automatic retry after infrastructure (attempt 2 of 3)")
+    for attempt in attempts:
+        assert tasks_labelled(fake_pueue, attempt.label)[0] == 1
+    assert tree_digest(Path(killed.results_path)) == tree_digest(Path(attempts[1].remote_dir) / "output")
+    assert_completed_once(site, fake_pueue, second)
+    assert any("started again, paused by a pueue daemon restart" in note for note in reconcile_notes)
+    assert fake_pueue.status()["groups"]["default"]["status"] == "Running"
+    assert "mqi.group.paused" not in {e.event for e in group_events(site, "default")}
+
+
+def test_a_group_paused_by_a_person_is_left_paused_shown_with_its_cause_and_announced_once(
+        tmp_path, sshd, fake_pueue):
     host = ssh_host(tmp_path, sshd, fake_pueue)
+    host["pueue_pid_file"] = str(fake_pueue.store.pid_file)
+    site = start(settings_for(tmp_path, [host], command=OUTPUT))
+    check_host(site, site.settings.hosts[0], timeout=15)  # the job's polls saw the group running
+    fake_pueue.pause_group("default")
+    folder = make_case(tmp_path, "waits-for-a-person")
+    runner, outcome = run_in_background(folder)
+    wait_for(lambda: case_state(site, folder) is CaseState.QUEUED, timeout=60, what="the case to queue")
+
+    from flows.reconcile import reconcile
+    notes = reconcile() + reconcile()
+
+    assert fake_pueue.status()["groups"]["default"]["status"] == "Paused"
+    assert case_state(site, folder) is CaseState.QUEUED
+    assert sum("left paused with 1 case(s) waiting" in note for note in notes) == 2, notes
+    [group] = check_host(site, site.settings.hosts[0], timeout=15).groups  # what `mqi hosts` shows
+    assert group.on_host == "paused" and group.pause_cause.startswith("paused on the host, ")
+    announced = [e for e in group_events(site, "default", until_sentinel=True) if e.event == "mqi.group.paused"]
+    assert len(announced) == 1 and announced[0].payload["cause"] in group.pause_cause
+
+    fake_pueue.start_group("default")  # the person's decision
+    runner.join(60)
+    assert outcome.get("state") == "completed"
+
+
+def test_a_task_killed_by_a_person_is_an_infrastructure_failure_not_retried(tmp_path, sshd, fake_pueue):
+    """`pueue kill` under a running daemon is somebody's decision: the case fails, no new attempt
+    (retry.max_attempts, default 1), and the message says it was not a restart."""
+    host = ssh_host(tmp_path, sshd, fake_pueue)
+    host["pueue_pid_file"] = str(fake_pueue.store.pid_file)
     site = start(settings_for(tmp_path, [host], command="sleep 60"))
-    folder = make_case(tmp_path, "restart-case")
+    folder = make_case(tmp_path, "killed-by-a-person")
     runner, outcome = run_in_background(folder)
     wait_for(lambda: case_state(site, folder) is CaseState.RUNNING, timeout=60, what="the case to run")
-    fake_pueue.run("add", "--group", "default", "--label", "someone-else", "--", "sleep 1")  # waits behind ours
+    [attempt] = site.ledger.attempts(site.ledger.find_case(str(folder)).id)
+    assert fake_pueue.run("kill", str(attempt.task_id)).returncode == 0
 
-    fake_pueue.restart_daemon(graceful=False)
     runner.join(60)
-
     case = site.ledger.find_case(str(folder))
-    assert outcome.get("state") == "failed"
-    assert case.failure_category is FailureCategory.INFRASTRUCTURE
-    assert "pueue daemon restart" in case.failure_message
-    assert site.ledger.attempts(case.id)[0].result is AttemptResult.KILLED
-    report = check_host(site, site.settings.hosts[0], timeout=15)
-    assert [(g.name, g.on_host) for g in report.groups] == [("default", "paused")]
+    assert outcome.get("state") == "failed" and case.failure_category is FailureCategory.INFRASTRUCTURE
+    assert [a.result for a in site.ledger.attempts(case.id)] == [AttemptResult.KILLED]
+    assert case.failure_message.startswith("the task was killed on the host, not by a pueue daemon restart: ")
+    assert "under the daemon running since" in case.failure_message
+
+
+@contextmanager
+def reconciling_on_a_schedule(interval: float = 1.0) -> Iterator[list[str]]:
+    """The main job's reconcile, run every `interval` seconds while the block runs."""
+    from flows.reconcile import reconcile
+
+    notes: list[str] = []
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(interval):
+            notes.extend(reconcile())
+
+    runner = threading.Thread(target=loop, daemon=True)
+    runner.start()
+    try:
+        yield notes
+    finally:
+        stop.set()
+        runner.join(60)
+
+
+def group_events(site, group: str, *, until_sentinel: bool = False) -> list:
+    """The Prefect events about one GPU group of the site's host. `until_sentinel`: first send
+    one more event about it and wait until the server has it, so earlier ones are in too."""
+    from prefect import get_client
+    from prefect.events import emit_event
+    from prefect.events.filters import EventFilter, EventResourceFilter
+    from prefect.events.worker import EventsWorker
+
+    resource = f"mqi.group.{site.settings.hosts[0].name}.{group}"
+
+    def read() -> list:
+        with get_client(sync_client=True) as client:
+            return client.read_events(EventFilter(resource=EventResourceFilter(id=[resource])), limit=50).events
+
+    if until_sentinel:
+        emit_event("mqi.test.sentinel", resource={"prefect.resource.id": resource})
+    EventsWorker.drain_all(timeout=10, at_exit=False)
+    if until_sentinel:
+        wait_for(lambda: any(e.event == "mqi.test.sentinel" for e in read()), what="the events to be stored")
+    return read()
 
 
 def _clean_when_done(fake_pueue) -> None:

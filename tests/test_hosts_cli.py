@@ -15,12 +15,14 @@ import yaml
 from typer.testing import CliRunner
 
 from mqi.cli import app
+from mqi.group_sightings import note_pause_cause
 from mqi.host_health import host_health, reachable_hosts
 from mqi.host_report import artifact_rows, health_text, host_reports
 from mqi.queue.base import SubmitRequest
 from mqi.queue.pueue import PueueQueue
 from mqi.settings import Settings
 from mqi.site import Site
+from mqi.timefmt import utc_now
 from mqi.transport.local import LocalTransport
 from tests.support.nvidia_smi import (
     gpu,
@@ -258,3 +260,24 @@ def test_a_reachable_host_whose_pueue_daemon_is_down(tmp_path):
     assert report.reachable and report.queue == "pueue 4.0.4"
     assert "Couldn't connect to the daemon" in report.queue_problem
     assert [(g.name, g.on_host) for g in report.groups] == [("default", None)]
+
+
+def test_a_paused_group_is_shown_with_the_cause_reconcile_found(tmp_path, fake_pueue):
+    """`mqi hosts` shows why a group holding our cases is paused, as reconcile decided it."""
+    fake_pueue.pause_group("default")
+    host = local_host(tmp_path, "paused-host", queue="pueue", pueue=str(fake_pueue.bin))
+    config = config_file(tmp_path, [host])
+    state_dir = settings_for(tmp_path, [host]).state_dir
+    note_pause_cause(state_dir, "paused-host", "default", "paused on the host, by someone", utc_now())
+
+    shown = CliRunner().invoke(app, ["--config", str(config), "hosts"], env={"COLUMNS": "200"})
+    as_json = CliRunner().invoke(app, ["--config", str(config), "hosts", "--json"])
+
+    assert "why paused" in shown.output and "paused on the host, by someone" in shown.output, shown.output
+    [report] = json.loads(as_json.output)
+    assert [(g["on_host"], g["pause_cause"]) for g in report["groups"]] == [
+        ("paused", "paused on the host, by someone")
+    ]
+    fake_pueue.start_group("default")  # running again: the pause and its cause are over
+    [report] = json.loads(CliRunner().invoke(app, ["--config", str(config), "hosts", "--json"]).output)
+    assert [(g["on_host"], g["pause_cause"]) for g in report["groups"]] == [("ok", None)]

@@ -400,6 +400,62 @@ def test_after_a_daemon_restart_running_tasks_are_killed(local_queue, pueue_host
     assert task.result is TaskResult.KILLED
 
 
+def test_the_daemons_start_is_read_from_its_pid_file_over_ssh(ssh_queue, pueue_host):
+    """What a restart leaves as evidence: the start of the `pueued` the pid file names, from
+    the kernel, and the host's clock beside it; a new daemon, a new start."""
+    queue = PueueQueue(ssh_queue.transport, pueue=str(pueue_host.bin), pid_file=str(pueue_host.store.pid_file))
+    first = queue.daemon_start()
+    # well inside the rule's one-second slack (10 ms on an idle host; this one may be busy)
+    assert abs(first.started_at.timestamp() - _kernel_start(pueue_host.store.daemon_pid())) < 0.2
+    assert abs(first.clock_offset) <= first.uncertainty + timedelta(seconds=0.05)  # one machine: one clock
+    pueue_host.restart_daemon(graceful=False)
+    before_restart_ended = time.time()
+    second = queue.daemon_start()
+    assert first.started_at < second.started_at <= datetime.fromtimestamp(before_restart_ended, timezone.utc)
+
+
+def test_the_daemons_pid_file_is_found_in_pueues_default_places(pueue_host, tmp_path, monkeypatch):
+    """$XDG_RUNTIME_DIR/pueue.pid first (v4), then the pueue directory; a file naming a process
+    that is not a running `pueued` (a stale file, a reused pid) does not count."""
+    runtime, data = tmp_path / "run", tmp_path / "data"
+    (data / "pueue").mkdir(parents=True)
+    runtime.mkdir()
+    (runtime / "pueue.pid").write_text(str(os.getpid()))  # alive, ours, but not a pueued
+    (data / "pueue" / "pueue.pid").symlink_to(pueue_host.store.pid_file)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.setenv("XDG_DATA_HOME", str(data))
+    queue = PueueQueue(LocalTransport("gpu-local"), pueue=str(pueue_host.bin))
+    start = queue.daemon_start()
+    assert abs(start.started_at.timestamp() - _kernel_start(pueue_host.store.daemon_pid())) < 0.2
+    (data / "pueue" / "pueue.pid").unlink()
+    assert queue.daemon_start() is None
+    pueue_host.stop_daemon()
+    missing = PueueQueue(LocalTransport("gpu-local"), pueue=str(pueue_host.bin), pid_file=str(pueue_host.store.pid_file))
+    assert missing.daemon_start() is None  # pueue removes its pid file when it stops
+
+
+def test_start_group_resumes_a_paused_group(queue, pueue_host, tmp_path):
+    pueue_host.pause_group(GROUP)
+    task_id = submit(queue, tmp_path, "true")
+    time.sleep(0.5)  # two daemon loops: time enough to start it, were the group running
+    assert queue.snapshot().find(task_id, "mqi-c1-a1").state is TaskState.QUEUED
+    queue.start_group(GROUP)
+    assert not queue.groups()[GROUP].paused
+    assert wait_for(queue, task_id, "mqi-c1-a1", finished).result is TaskResult.SUCCESS
+
+
+def _kernel_start(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        ticks = int(stat.read().rpartition(")")[2].split()[19])
+    before, now, after = _uptime(), time.time(), _uptime()
+    return now - (before + after) / 2 + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _uptime() -> float:
+    with open("/proc/uptime") as uptime:
+        return float(uptime.read().split()[0])
+
+
 # --- helpers ---
 
 

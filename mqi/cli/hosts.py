@@ -85,13 +85,16 @@ def hosts_table(reports: list[HostReport], zone: tzinfo) -> Table:
 
 def groups_table(reports: list[HostReport]) -> Table:
     table = Table(title="groups", title_justify="left")
-    for column in ("host", "group", "devices", "slots", "on host", "running", "queued"):
+    causes = any(group.pause_cause for report in reports for group in report.groups)
+    columns = ("host", "group", "devices", "slots", "on host", "running", "queued") + (("why paused",) if causes else ())
+    for column in columns:
         table.add_column(
             column, justify="right" if column in ("slots", "running", "queued") else "left"
         )
     for report in reports:
         for group in report.groups:
             on_host = group.on_host or "?"
+            cause = (_escaped(group.pause_cause or ""),) if causes else ()
             table.add_row(
                 report.name,
                 group.name,
@@ -100,6 +103,7 @@ def groups_table(reports: list[HostReport]) -> Table:
                 on_host if on_host == "ok" else f"[yellow]{on_host}[/yellow]",
                 str(group.running),
                 str(group.queued),
+                *cause,
             )
     return table
 

@@ -10,7 +10,7 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from mqi.errors import MqiError
 
@@ -83,6 +83,37 @@ class QueueSnapshot:
 
 
 @dataclass(frozen=True)
+class DaemonStart:
+    """When the daemon whose restart ends running tasks (pueue's `pueued`) started.
+
+    `started_at` and `host_now` are read from the host's clock, as pueue's task times are;
+    `asked_at` and `answered_at` are our clock around the call that read them. Together they
+    place the start on our clock, to compare it with what we saw of the host ourselves, give or
+    take `uncertainty`.
+    """
+
+    started_at: datetime  # aware
+    host_now: datetime
+    asked_at: datetime
+    answered_at: datetime
+
+    @property
+    def clock_offset(self) -> timedelta:
+        """How far the host's clock runs ahead of ours (negative: behind), give or take
+        `uncertainty`: the host read its clock at some moment of our call."""
+        return self.host_now - (self.asked_at + (self.answered_at - self.asked_at) / 2)
+
+    @property
+    def uncertainty(self) -> timedelta:
+        return (self.answered_at - self.asked_at) / 2
+
+    @property
+    def started_at_here(self) -> datetime:
+        """The start on our clock."""
+        return self.started_at - self.clock_offset
+
+
+@dataclass(frozen=True)
 class SubmitRequest:
     label: str  # identifies case and attempt, e.g. mqi-<uid>-a<n>
     group: str
@@ -121,6 +152,16 @@ class Queue(ABC):
     def log_tails(self, tasks: Mapping[int, str], lines: int = 15) -> dict[int, str]:
         """The last `lines` lines of each task's output, by id (tasks given as id -> label), in
         one call; a task that is gone, has another label or no output yet maps to ''."""
+
+    def daemon_start(self) -> DaemonStart | None:
+        """When the queue's daemon started: the evidence of a restart. None when the queue has
+        no daemon whose restart ends tasks, or it cannot be told. One call to the host: ask
+        only when a task ended Killed or a group holding our tasks is paused, never per poll."""
+        return None
+
+    def start_group(self, group: str) -> None:
+        """Resume a paused group (pueue: `pueue start --group G`)."""
+        raise QueueError(f"host {self.host!r}: the {type(self).__name__} has no paused groups to start")
 
     def log_tail(self, task_id: int, label: str, lines: int = 15) -> str:
         """The last `lines` lines of one task's output ('' when it has none yet)."""

@@ -27,6 +27,11 @@ or someone killed the supervisor) is recorded as ERRORED ("ended without a recor
 or as KILLED when a kill had been asked for. We do not call it KILLED the way pueue does
 after a daemon restart: nobody killed it on purpose, and the caller must look for results.
 
+There is no daemon whose restart ends tasks (each task has its own supervisor, which outlives
+the orchestrator) and groups are never paused, so the restart evidence of the Queue interface
+does not apply: `daemon_start()` is None, and a reboot of this machine, which also ends the
+orchestrator, leaves its tasks ERRORED as above.
+
 Only Linux is supported: process identities are read from /proc.
 """
 

@@ -16,8 +16,10 @@ import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 
 from mqi.queue.base import (
+    DaemonStart,
     GroupInfo,
     KillOutcome,
     Queue,
@@ -53,6 +55,40 @@ _RESERVED_ENV_NAMES = {"PATH", *HOST_LOCATION_VARIABLES}
 _UNKNOWN_GROUP = re.compile(r"Group .* doesn't exist")
 _NOT_STARTED_STATES = {TaskState.QUEUED, TaskState.STASHED, TaskState.LOCKED}
 _PUEUE_NOT_FOUND_CODES = {126, 127}
+
+# When did the host's pueue daemon start? The pid file pueue writes at start names the daemon
+# ($1 if configured, else pueue's default places: $XDG_RUNTIME_DIR/pueue.pid in v4, the pueue
+# directory in v3 and without XDG_RUNTIME_DIR); it counts only if that process is alive, ours
+# and called `pueued` (a stale file may name a reused pid). The kernel's start of the process
+# (/proc/PID/stat field 22, in clock ticks after boot) against the uptime read on either side of
+# the host's clock is exact to 10 ms on an idle host, unlike the file's mtime, `ps -o lstart` or
+# /proc/stat's whole-second boot time. Prints "pid start-ticks ticks-per-second uptime host-now
+# uptime"; exit 3: no running pueued found. Only shell builtins, plus getconf and date.
+_DAEMON_START_SCRIPT = r"""
+started() {
+  [ -f "$1" ] || return 1
+  read -r pid < "$1" || [ -n "$pid" ] || return 1
+  case $pid in ''|*[!0-9]*) return 1;; esac
+  [ -O "/proc/$pid" ] || return 1
+  read -r name < "/proc/$pid/comm" || return 1
+  [ "$name" = pueued ] || return 1
+  read -r stat < "/proc/$pid/stat" || return 1
+  set -- ${stat##*) }
+  shift 19
+  hz=$(getconf CLK_TCK)
+  read -r up_before _ < /proc/uptime
+  now=$(date +%s.%N)
+  read -r up_after _ < /proc/uptime
+  echo "$pid $1 $hz $up_before $now $up_after"
+}
+if [ -n "$1" ]; then started "$1" && exit 0; exit 3; fi
+for file in ${XDG_RUNTIME_DIR:+"$XDG_RUNTIME_DIR/pueue.pid"} \
+    "${XDG_DATA_HOME:-$HOME/.local/share}/pueue/pueue.pid"; do
+  started "$file" && exit 0
+done
+exit 3
+"""
+_NO_DAEMON_FOUND = 3
 
 
 class InvalidRequest(QueueError):
@@ -101,7 +137,10 @@ class PueueQueue(Queue):
         pueue: str = "pueue",
         path_env: str = "/usr/local/bin:/usr/bin:/bin",
         timeout: float = 30.0,
+        pid_file: str | None = None,
     ):
+        """`pid_file`: where the host's pueue daemon writes its pid (pueue.yml's `pid_path`),
+        when it is not in one of pueue's default places."""
         if not pueue or "=" in pueue or pueue.startswith("-"):
             # `env` would read a name containing '=' as a variable assignment
             raise InvalidRequest(
@@ -114,6 +153,7 @@ class PueueQueue(Queue):
         self.pueue = pueue
         self.path_env = path_env
         self.timeout = timeout
+        self.pid_file = pid_file
 
     def __repr__(self) -> str:
         return f"PueueQueue(host={self.host!r}, pueue={self.pueue!r})"
@@ -186,6 +226,40 @@ class PueueQueue(Queue):
         result = self._checked(["log", *map(str, sorted(tasks)), "--json", "--lines", str(lines)])
         entries = parse_log(result.out, self.host)
         return {task_id: _our_output(entries.get(task_id), label) for task_id, label in tasks.items()}
+
+    def daemon_start(self) -> DaemonStart | None:
+        """The start of the host's `pueued`, from its pid file and the kernel; None if no
+        running daemon of ours is found there. Raises TransportError when the host is away."""
+        asked = datetime.now(UTC)
+        result = self.transport.run(
+            ["sh", "-c", _DAEMON_START_SCRIPT, "mqi-pueued-start", self.pid_file or ""],
+            timeout=self.timeout,
+        )
+        answered = datetime.now(UTC)
+        if result.exit_code == _NO_DAEMON_FOUND:
+            log.info("host %s: no running pueued found by its pid file %s", self.host,
+                     self.pid_file or "in pueue's default places")
+            return None
+        try:
+            _pid, ticks, hz, up_before, now, up_after = result.check().out.split()
+            seconds, _, fraction = now.partition(".")  # busybox's date has no %N
+            host_now = int(seconds) + (float(f"0.{fraction}") if fraction.isdigit() else 0.0)
+            uptime = (float(up_before) + float(up_after)) / 2  # when `date` ran, on a busy host too
+            started = host_now - (uptime - int(ticks) / int(hz))
+        except ValueError:
+            raise QueueError(f"host {self.host!r}: cannot read the start of its pueue daemon: "
+                             f"unexpected answer {result.out.strip()[:100]!r}") from None
+        return DaemonStart(
+            started_at=datetime.fromtimestamp(started, UTC),
+            host_now=datetime.fromtimestamp(host_now, UTC),
+            asked_at=asked,
+            answered_at=answered,
+        )
+
+    def start_group(self, group: str) -> None:
+        """`pueue start --group G`: the group runs its queued tasks again."""
+        _check_group(group, 0)
+        self._checked(["start", "--group", group])
 
     # --- setup ---
 

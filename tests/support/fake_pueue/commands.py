@@ -38,7 +38,7 @@ def main(state_dir: str, argv: list[str]) -> int:
     if path == ["version"]:
         print(f"pueue {VERSIONS[settings['format']]}")
         return 0
-    if not store.daemon_running():
+    if not store.daemon_accepting():
         sys.stderr.write(
             "Error: Failed to initialize stream.\n\nCaused by:\n"
             f"    0: Couldn't connect to the daemon (state in {store.root}). Did you start it?\n"

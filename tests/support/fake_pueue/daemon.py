@@ -1,5 +1,10 @@
 """The fake `pueued`: a loop that starts queued tasks, reaps finished ones and records results.
 
+Its process is called `pueued` as pueue's is (`ps -o comm`, /proc/PID/comm: the kernel names
+a process started from a `#!` script after the script, here the `pueued` wrapper) and it writes
+its pid file, so the evidence of its start that the production code reads on a real host (the
+start of the `pueued` named in the pid file) is the same.
+
 Tasks run as `sh -c "<command>"` in their own session (so a kill reaches the whole process
 group), with only the task's stored environment plus PUEUE_GROUP and PUEUE_WORKER_ID, and
 with stdout and stderr in one log file.
@@ -32,11 +37,12 @@ def run_daemon(state_dir: str) -> int:
     except BlockingIOError:
         sys.stderr.write(already_running_message())
         return 1
+    store.pid_file.unlink(missing_ok=True)  # a crashed daemon's: no client is answered before the restore
     daemon = Daemon(store)
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
     daemon.restore()
-    store.pid_file.write_text(str(os.getpid()))
+    store.write_pid_file(os.getpid())
     try:
         daemon.loop()
     finally:
@@ -69,12 +75,16 @@ class Daemon:
 
     # -- restart -------------------------------------------------------------------------
     def restore(self) -> None:
-        """What pueue does with a saved state: nothing survives a restart, queues wait."""
+        """What pueue's restore_state does with a saved state: a task still running or paused
+        becomes Done/Killed (v4 gives it the restore time as its end; v3 leaves its end unset,
+        which `restored_kill` keeps for the v3 rendering), and every group that still holds a
+        queued task is paused; other groups keep their status."""
         with self.store.transaction() as state:
             for task in state["tasks"].values():
                 if task["status"] in ACTIVE:
                     kill_leftover_process(task)
                     self.finish(task, "Killed")
+                    task["restored_kill"] = True
             waiting_groups = {t["group"] for t in state["tasks"].values() if t["status"] == "Queued"}
             for name, group in state["groups"].items():
                 if name in waiting_groups:

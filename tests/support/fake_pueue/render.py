@@ -49,7 +49,8 @@ def render_task(task: dict, settings: dict, *, with_envs: bool = True) -> dict:
         common["status"] = _v3_status(task["status"], task)
         common["prev_status"] = _v3_status(task["created_status"], task)
         common["start"] = time("start")
-        common["end"] = time("end")
+        # v3's restore_state sets Done(Killed) without touching the end time it never had
+        common["end"] = None if task.get("restored_kill") else time("end")
     else:
         common["status"] = _v4_status(task, time)
     return common

@@ -4,7 +4,7 @@ Layout of a state directory:
   state.json     tasks and groups (internal form, times as integer nanoseconds)
   state.lock     fcntl lock guarding state.json
   daemon.lock    held by the running daemon for its whole life: "is the daemon up?"
-  daemon.pid     pid of the running daemon
+  pueue.pid      pid of the running daemon, named as pueue names its pid file
   settings.json  output format and timestamp style, chosen per instance
   task_logs/     one log file per task (stdout and stderr together)
   calls.jsonl    one record per client invocation
@@ -45,7 +45,7 @@ class StateDir:
         self.state_file = self.root / "state.json"
         self.state_lock = self.root / "state.lock"
         self.daemon_lock = self.root / "daemon.lock"
-        self.pid_file = self.root / "daemon.pid"
+        self.pid_file = self.root / "pueue.pid"
         self.settings_file = self.root / "settings.json"
         self.log_dir = self.root / "task_logs"
         self.calls_file = self.root / "calls.jsonl"
@@ -121,6 +121,14 @@ class StateDir:
             except BlockingIOError:
                 return True
             return False
+
+    def write_pid_file(self, pid: int) -> None:
+        _write_atomically(self.pid_file, str(pid))  # no newline, as pueue writes it
+
+    def daemon_accepting(self) -> bool:
+        """The daemon answers clients: pueue opens its socket only after restoring its state, and
+        the fake daemon writes its pid file only then (removing a crashed daemon's first)."""
+        return self.pid_file.exists() and self.daemon_running()
 
     def daemon_pid(self) -> int | None:
         try:
