@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from prefect import flow
+from prefect.states import Failed
 
 from flows.hooks import cancel_remote_task
 from mqi.claims import CaseBusy
 from mqi.ledger.records import Case
 from mqi.ledger.states import FINISHED_STATES, CaseState
+from mqi.transport.base import HostRefused
 from tasks.case_steps import (
     claim_case,
     choose_placement,
@@ -37,6 +39,10 @@ def process_case(case: str, host: str | None = None, group: str | None = None) -
             return state
     except CaseBusy:
         return "busy"  # another live run has it: nothing to do here
+    except HostRefused as refused:  # an operator must act (host key, credentials): the case waits
+        # where it is, never failed. Returned as the run's state, not raised: the message, no
+        # traceback (`mqi submit` raises it and shows it as an error).
+        return Failed(message=str(refused), data=refused)
 
 
 def run_case(record: Case, host: str | None, group: str | None) -> str:

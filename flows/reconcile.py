@@ -76,7 +76,7 @@ def report_held_slots() -> list[str]:
 @task(name="report-hosts")
 def report_hosts() -> list[str]:
     """Each host's reachability, groups and GPUs as a table artifact (the UI's host view)."""
-    reports = host_reports(get_site())
+    reports = host_reports(get_site(), recheck_refused=False)  # refused: asked at its back-off only
     create_table_artifact(table=artifact_rows(reports), key="mqi-hosts", description="GPU hosts, groups and GPUs")
     return [f"host {r.name}: unreachable: {r.reason}" for r in reports if not r.reachable]
 

@@ -25,7 +25,7 @@ from mqi.ledger.states import ACTIVE_STATES, AttemptResult, CaseState, FailureCa
 from mqi.queue.base import QueueError, SubmitRequest, TaskInfo, TaskResult, TaskState
 from mqi.site import Placement, Site
 from mqi.stopping import pause
-from mqi.transport.base import TransportError
+from mqi.transport.base import HostRefused, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ def choose_placement(site: Site, case: Case, host: str | None = None, group: str
         raise MqiError(f"no configured group matches host={host!r} group={group!r}")
     reachable = reachable_hosts(site.settings.state_dir, {p.host.name for p in configured})
     usable = [p for p in configured if p.host.name in reachable and not _gpus_taken_by_others(site, p)]
+    if not usable and not site.waits_for_operator:  # the user at the terminal hears the host's answer now
+        usable = [p for p in configured if host_health(site.settings.state_dir, p.host.name).needs_operator]
     if not usable:
         reasons = sorted({f"{p.host.name}: {host_health(site.settings.state_dir, p.host.name).reason or 'GPUs busy'}"
                           for p in configured})
@@ -262,9 +264,16 @@ class Waiter:
             remaining = (self.deadline - self.clock()).total_seconds()
             if remaining <= 0:
                 return WaitOutcome(AttemptResult.TIMEOUT, message="timed out")
+            if self._host_needs_operator():  # left alone until its next check; a fix recorded
+                self.sleep(min(poll, remaining))  # meanwhile (`mqi hosts`) is seen within a poll
+                continue
             try:
                 task = status.snapshot().find(self.attempt.task_id, self.attempt.label)
             except (TransportError, QueueError) as exc:
+                if isinstance(exc, HostRefused) and self.site.waits_for_operator:
+                    log.warning("case %s waits until an operator acts: %s", self.case.uid, exc)
+                    self.sleep(min(poll, remaining))
+                    continue
                 if isinstance(exc, TransportError) and not exc.transient:
                     raise
                 # Unreachable, or pueue not answering sensibly (daemon restarting, output cut
@@ -284,6 +293,13 @@ class Waiter:
             # Until the snapshot just read is due again, so that the time spent on this round
             # (the status call itself, progress) is not added to the poll interval.
             self.sleep(min(status.seconds_until_stale() or poll, remaining))
+
+    def _host_needs_operator(self) -> bool:
+        """The host was refused (key, credentials) and is not due for its next check yet."""
+        if not self.site.waits_for_operator:
+            return False
+        health = host_health(self.site.settings.state_dir, self.attempt.host)
+        return health.needs_operator and not health.usable(self.clock())
 
     def _note_start(self, task: TaskInfo) -> None:
         if task.state is TaskState.QUEUED or self.attempt.started_at is not None:
