@@ -6,6 +6,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from mqi import casework, claims
+from mqi.host_health import awaiting_operator
 from mqi.host_report import artifact_rows, host_reports
 from mqi.ledger.states import AttemptResult, CaseState
 from mqi.runtime import get_site
@@ -20,6 +21,9 @@ def adopt_unknown_tasks() -> list[str]:
     site = get_site()
     notes = []
     for host in site.settings.hosts:
+        if awaiting_operator(site.settings.state_dir, host.name):  # asked at its back-off only
+            notes.append(f"host {host.name}: not checked: refused, needs an operator (see `mqi hosts`)")
+            continue
         try:
             notes += casework.adopt_unknown_tasks(site, host.name, "reconcile")
         except TransportError as exc:

@@ -16,7 +16,7 @@ from pathlib import Path
 from mqi import transfer
 from mqi.errors import MqiError
 from mqi.gpu import cached_gpu_report, foreign_processes
-from mqi.host_health import host_health, reachable_hosts
+from mqi.host_health import awaiting_operator, host_health, reachable_hosts
 from mqi.inbox import InboxScanner
 from mqi.faults import fault_point
 from mqi.ledger.records import Attempt, Case
@@ -298,8 +298,7 @@ class Waiter:
         """The host was refused (key, credentials) and is not due for its next check yet."""
         if not self.site.waits_for_operator:
             return False
-        health = host_health(self.site.settings.state_dir, self.attempt.host)
-        return health.needs_operator and not health.usable(self.clock())
+        return awaiting_operator(self.site.settings.state_dir, self.attempt.host, now=self.clock())
 
     def _note_start(self, task: TaskInfo) -> None:
         if task.state is TaskState.QUEUED or self.attempt.started_at is not None:

@@ -192,6 +192,13 @@ def record_host_call(
     return _record_failure(state_dir, host, str(error), error.transient, now, policy)
 
 
+def awaiting_operator(state_dir: Path, host: str, *, now: datetime | None = None) -> bool:
+    """The host was refused (host key, credentials) and is not due for its next check: it is
+    left alone until then (or until `mqi hosts` finds it fixed)."""
+    health = host_health(state_dir, host)
+    return health.needs_operator and not health.usable(now or utc_now())
+
+
 def reachable_hosts(
     state_dir: Path,
     names: Iterable[str],

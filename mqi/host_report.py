@@ -21,11 +21,10 @@ from datetime import tzinfo
 from typing import Any
 
 from mqi.gpu import Gpu, GpuProcess, in_devices, query_gpus
-from mqi.host_health import HostHealth, host_health
+from mqi.host_health import HostHealth, awaiting_operator, host_health
 from mqi.queue.base import QueueError, QueueSnapshot, TaskState
 from mqi.settings import HostSettings
 from mqi.site import Site
-from mqi.timefmt import utc_now
 from mqi.transport.base import HostRefused, TransportError
 
 log = logging.getLogger(__name__)
@@ -107,9 +106,9 @@ def _check_into(
 ) -> None:
     started = time.monotonic()
     try:
-        health = host_health(site.settings.state_dir, host.name)
-        if not recheck_refused and health.needs_operator and not health.usable(utc_now()):
-            reports[host.name] = _unanswered(site, host, health.reason, 0.0, needs_operator=True)
+        if not recheck_refused and awaiting_operator(site.settings.state_dir, host.name):
+            reason = host_health(site.settings.state_dir, host.name).reason
+            reports[host.name] = _unanswered(site, host, reason, 0.0, needs_operator=True)
             return
         reports[host.name] = check_host(site, host, timeout)
     except Exception as error:  # a surprise on one host must not hide the others

@@ -6,6 +6,7 @@ task per attempt, and results that are either complete and verified or absent.
 
 from __future__ import annotations
 
+import logging
 import re
 import shlex
 import subprocess
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from flows.reconcile import adopt_unknown_tasks, report_hosts
 from mqi.host_health import host_health
-from mqi.host_report import check_host, host_reports
+from mqi.host_report import check_host, host_reports, status_text
 from mqi.ledger.states import AttemptResult, CaseState, FailureCategory
 from tests.support.cases import (
     case_state,
@@ -86,7 +88,8 @@ def test_cases_waiting_through_a_20_second_ssh_outage_all_complete(tmp_path, ssh
         assert_completed_once(site, fake_pueue, folder)
 
 
-def test_a_host_key_changed_under_waiting_cases_is_announced_once_and_waited_out(tmp_path, sshd_factory, fake_pueue):
+def test_a_host_key_changed_under_waiting_cases_is_announced_once_and_waited_out(tmp_path, sshd_factory, fake_pueue,
+                                                                                  caplog):
     server = sshd_factory(log_level="VERBOSE")  # logs every connection: the test counts them
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(server.known_hosts_line)  # the key the operator trusted
@@ -104,18 +107,23 @@ def test_a_host_key_changed_under_waiting_cases_is_announced_once_and_waited_out
     server.replace_host_key()  # the host is reinstalled under the waiting cases
     wait_for(lambda: host_health(site.settings.state_dir, host["name"]).needs_operator, timeout=60,
              what="the host to be marked refused")
+    [looked] = host_reports(site, timeout=30)  # the operator looks (`mqi hosts`): refused again, not news
+    assert status_text(looked).startswith("REFUSED, needs an operator: ") and "has CHANGED" in looked.reason
+    caplog.set_level(logging.WARNING, logger="mqi.casework")
     late = make_case(tmp_path, "late")
     runs.append(run_in_background(late))  # placed while the host is refused: it waits for placement
     wait_for(lambda: case_state(site, late) is CaseState.PENDING, what="the late case to be registered")
     connections = server.connections_seen()
-    [seen_by_reconcile] = host_reports(site, timeout=30, recheck_refused=False)  # as reconcile sees it each minute
-    assert seen_by_reconcile.needs_operator and "has CHANGED" in seen_by_reconcile.reason
-    release.touch()
+    # What reconcile does every minute asks nothing of the host either.
+    assert adopt_unknown_tasks.fn() == [f"host {host['name']}: not checked: refused, needs an operator (see `mqi hosts`)"]
+    assert "has CHANGED" in report_hosts.fn()[0]
+    wait_for(lambda: len(_placement_waits(caplog, "late")) >= 4, what="the late case to try placement 4 times")
+    release.touch()  # meanwhile the cases polled several times, without asking the host
     wait_for(lambda: all("Done" in task["status"] for task in fake_pueue.status()["tasks"].values()), timeout=60,
-             what="the tasks to end on the host")  # meanwhile the cases poll, but do not ask the host
+             what="the tasks to end on the host")
     assert server.connections_seen() == connections, "the refused host was asked again before its next check"
     assert {case_state(site, f) for f in waiting} <= {CaseState.QUEUED, CaseState.RUNNING}  # waiting, not failed
-    assert case_state(site, late) is CaseState.PENDING
+    assert case_state(site, late) is CaseState.PENDING and "has CHANGED" in _placement_waits(caplog, "late")[0]
     assert all(thread.is_alive() for thread, _ in runs)
 
     # The operator does what the message says: the old key removed, the new one accepted, `mqi hosts`.
@@ -135,6 +143,11 @@ def test_a_host_key_changed_under_waiting_cases_is_announced_once_and_waited_out
     refused = wait_for(lambda: _refused_then_reachable(f"mqi.host.{host['name']}"), what="the host's events")
     assert len(refused) == 1, refused  # one announcement, not one per poll or per case
     assert "has CHANGED" in refused[0].payload["reason"] and refused[0].payload["needs_operator"] is True
+
+
+def _placement_waits(caplog, case_name: str) -> list[str]:
+    """What the case's placement said each time it found no usable host."""
+    return [r.getMessage() for r in caplog.records if f"no usable group for case {case_name} now" in r.getMessage()]
 
 
 def _refused_then_reachable(resource_id: str) -> list | None:
