@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from prefect import flow
+from prefect.states import Failed
 
 from flows.hooks import cancel_remote_task
 from mqi.claims import CaseBusy
 from mqi.ledger.states import FINISHED_STATES
 from mqi.resume import CaseRun, Step, close_ended_attempt
 from mqi.runtime import get_site
+from mqi.transport.base import HostRefused
 from tasks.case_steps import (
     actor,
     admit_case,
@@ -36,6 +38,10 @@ def process_case(case: str, host: str | None = None, group: str | None = None) -
                 take_step(run, step)
     except CaseBusy:
         return "busy"  # another live run has it: nothing to do here
+    except HostRefused as refused:  # an operator must act (host key, credentials): the case waits
+        # where it is, never failed. Returned as the run's state, not raised: the message, no
+        # traceback (`mqi submit` raises it and shows it as an error).
+        return Failed(message=str(refused), data=refused)
     return publish_outcome(record)  # a summary in the UI; the state the case is in now
 
 

@@ -7,7 +7,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.events import emit_event
 
 from mqi import casework, restarts
-from mqi.host_health import reachable_hosts
+from mqi.host_health import awaiting_operator, reachable_hosts
 from mqi.host_report import artifact_rows, host_reports
 from mqi.queue.base import QueueError
 from mqi.runtime import get_site
@@ -22,6 +22,9 @@ def adopt_unknown_tasks() -> list[str]:
     site = get_site()
     notes = []
     for host in site.settings.hosts:
+        if awaiting_operator(site.settings.state_dir, host.name):  # asked at its back-off only
+            notes.append(f"host {host.name}: not checked: refused, needs an operator (see `mqi hosts`)")
+            continue
         try:
             notes += casework.adopt_unknown_tasks(site, host.name, "reconcile")
         except TransportError as exc:
@@ -96,7 +99,7 @@ def repair_gpu_limits() -> list[str]:
 @task(name="report-hosts")
 def report_hosts() -> list[str]:
     """Each host's reachability, groups and GPUs as a table artifact (the UI's host view)."""
-    reports = host_reports(get_site())
+    reports = host_reports(get_site(), recheck_refused=False)  # refused: asked at its back-off only
     create_table_artifact(table=artifact_rows(reports), key="mqi-hosts", description="GPU hosts, groups and GPUs")
     return [f"host {r.name}: unreachable: {r.reason}" for r in reports if not r.reachable]
 

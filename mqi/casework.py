@@ -17,7 +17,7 @@ from pathlib import Path
 from mqi import transfer
 from mqi.errors import MqiError
 from mqi.gpu import cached_gpu_report, foreign_processes
-from mqi.host_health import host_health, reachable_hosts
+from mqi.host_health import awaiting_operator, host_health, reachable_hosts
 from mqi.inbox import InboxScanner
 from mqi.faults import fault_point
 from mqi.ledger.records import Attempt, Case
@@ -28,7 +28,7 @@ from mqi.queue.base import QueueError, SubmitRequest, TaskInfo, TaskResult, Task
 from mqi.restarts import explain_kill
 from mqi.site import Placement, Site
 from mqi.stopping import pause, watching
-from mqi.transport.base import TransportError
+from mqi.transport.base import HostRefused, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ def choose_placement(site: Site, case: Case, host: str | None = None, group: str
         raise MqiError(f"no configured group matches host={host!r} group={group!r}")
     reachable = reachable_hosts(site.settings.state_dir, {p.host.name for p in configured})
     usable = [p for p in configured if p.host.name in reachable and not _gpus_taken_by_others(site, p)]
+    if not usable and not site.waits_for_operator:  # the user at the terminal hears the host's answer now
+        usable = [p for p in configured if host_health(site.settings.state_dir, p.host.name).needs_operator]
     if not usable:
         reasons = sorted({f"{p.host.name}: {host_health(site.settings.state_dir, p.host.name).reason or 'GPUs busy'}"
                           for p in configured})
@@ -310,9 +312,16 @@ class Waiter:
             remaining = (self.deadline - self.clock()).total_seconds()
             if remaining <= 0:
                 return WaitOutcome(AttemptResult.TIMEOUT, message="timed out")
+            if self._host_needs_operator():  # left alone until its next check; a fix recorded
+                self.sleep(min(poll, remaining))  # meanwhile (`mqi hosts`) is seen within a poll
+                continue
             try:
                 task = status.snapshot().find(self.attempt.task_id, self.attempt.label)
             except (TransportError, QueueError) as exc:
+                if isinstance(exc, HostRefused) and self.site.waits_for_operator:
+                    log.warning("case %s waits until an operator acts: %s", self.case.uid, exc)
+                    self.sleep(min(poll, remaining))
+                    continue
                 if isinstance(exc, TransportError) and not exc.transient:
                     raise
                 # Unreachable, or pueue not answering sensibly (daemon restarting, output cut
@@ -333,6 +342,12 @@ class Waiter:
             # Until the snapshot just read is due again, so that the time spent on this round
             # (the status call itself, progress) is not added to the poll interval.
             self.sleep(min(status.seconds_until_stale() or poll, remaining))
+
+    def _host_needs_operator(self) -> bool:
+        """The host was refused (key, credentials) and is not due for its next check yet."""
+        if not self.site.waits_for_operator:
+            return False
+        return awaiting_operator(self.site.settings.state_dir, self.attempt.host, now=self.clock())
 
     def _moved_on(self) -> bool:
         return self.site.ledger.get_case(self.case.id).state not in (CaseState.QUEUED, CaseState.RUNNING)

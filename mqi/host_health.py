@@ -6,7 +6,12 @@ and placement skips it while the other hosts carry on. A host marked down is not
 once its back-off interval has passed, `reachable_hosts` offers it again for one try, and
 the outcome of that try is recorded like any other. The interval doubles with each failure
 (a flapping host is not hammered) up to a ceiling; a failure a retry cannot fix (refused
-credentials or host key) waits the ceiling at once, since it needs a person first.
+credentials or host key: the host *needs an operator*) waits the ceiling at once, since it
+needs a person first.
+
+A record is *news* when the host comes back, goes away, or its problem changes kind (a
+network fault, or one that needs an operator): the site announces news once (an event),
+however many callers record the same failure.
 
 Several processes record at once: a record is read, changed and written atomically under an
 exclusive `flock` on `<host>.lock`; readers need no lock. All times are aware UTC.
@@ -27,12 +32,7 @@ from pathlib import Path
 from mqi.queue.local import write_json_atomic
 from mqi.settings import NAME_PATTERN
 from mqi.timefmt import utc_now
-from mqi.transport.base import (
-    AuthenticationFailed,
-    HostKeyRejected,
-    HostUnreachable,
-    TransportError,
-)
+from mqi.transport.base import HostRefused, HostUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ HEALTH_FORMAT = 1
 HEALTH_SUBDIR = "hosts"
 _SAFE_HOST = re.compile(NAME_PATTERN)
 #: errors that say the host itself is out of reach; a command timing out or failing does not
-HOST_DOWN_ERRORS = (HostUnreachable, AuthenticationFailed, HostKeyRejected)
+HOST_DOWN_ERRORS = (HostUnreachable, HostRefused)
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,29 @@ class HostHealth:
         retry_at = self.next_check(policy)
         return retry_at is None or now >= retry_at
 
+    @property
+    def needs_operator(self) -> bool:
+        """Marked down by a failure a retry cannot fix (host key, credentials)."""
+        return self.reachable is False and not self.transient
+
+    @property
+    def condition(self) -> str:
+        """'reachable', 'unreachable' (a network fault), 'refused' (needs an operator) or
+        'unknown' (never recorded)."""
+        if self.reachable is None:
+            return "unknown"
+        if self.reachable:
+            return "reachable"
+        return "refused" if self.needs_operator else "unreachable"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A host's health as just recorded, and whether it is news (see the module's notes)."""
+
+    health: HostHealth
+    news: bool
+
 
 def health_file(state_dir: Path, host: str) -> Path:
     if not _SAFE_HOST.match(host):
@@ -108,12 +131,16 @@ def host_health(state_dir: Path, host: str) -> HostHealth:
 
 
 def record_host_ok(state_dir: Path, host: str, *, now: datetime | None = None) -> HostHealth:
-    now = now or utc_now()
+    return _record_ok(state_dir, host, now or utc_now()).health
+
+
+def _record_ok(state_dir: Path, host: str, now: datetime) -> Recorded:
     with _locked(state_dir, host) as previous:
         since = previous.since if previous.reachable is True else now
         if previous.reachable is False:
             log.info("host %s is reachable again (down since %s)", host, previous.since)
-        return _store(state_dir, HostHealth(host, True, since, None, now))
+        health = _store(state_dir, HostHealth(host, True, since, None, now))
+        return Recorded(health, news=previous.reachable is not True)
 
 
 def record_host_failure(
@@ -127,26 +154,49 @@ def record_host_failure(
 ) -> HostHealth:
     """Mark `host` down. Failures seen by several callers within one back-off window (they all
     tried at once) count as one, so the interval does not grow with the number of callers."""
-    now = now or utc_now()
+    return _record_failure(state_dir, host, reason, transient, now or utc_now(), policy).health
+
+
+def _record_failure(
+    state_dir: Path, host: str, reason: str, transient: bool, now: datetime, policy: RecheckPolicy
+) -> Recorded:
     with _locked(state_dir, host) as previous:
+        news = previous.reachable is not False or previous.transient != transient
+        if news:
+            log.warning("host %s marked %s: %s", host, "refused" if not transient else "unreachable", reason)
         if previous.reachable is False and now < previous.next_check(policy):
-            return _store(state_dir, replace(previous, reason=reason, transient=transient))
-        if previous.reachable is not False:
-            log.warning("host %s marked unreachable: %s", host, reason)
-            since, failures = now, 1
+            health = replace(previous, reason=reason, transient=transient)
+        elif previous.reachable is not False:
+            health = HostHealth(host, False, now, reason, now, 1, transient)
         else:
-            since, failures = previous.since, previous.failures + 1
-        return _store(state_dir, HostHealth(host, False, since, reason, now, failures, transient))
+            health = HostHealth(host, False, previous.since, reason, now, previous.failures + 1, transient)
+        return Recorded(_store(state_dir, health), news)
 
 
-def record_transport_error(
-    state_dir: Path, error: TransportError, *, now: datetime | None = None
-) -> HostHealth | None:
-    """Mark the error's host down if the error says the host is out of reach (HOST_DOWN_ERRORS);
-    a timed-out or failed command leaves the host's health as it was (returns None)."""
+def record_host_call(
+    state_dir: Path,
+    host: str,
+    error: Exception | None,
+    *,
+    now: datetime | None = None,
+    policy: RecheckPolicy = DEFAULT_RECHECK,
+) -> Recorded | None:
+    """Record how a call to `host` went (error None: it answered). None when the error does not
+    say the host is out of reach (HOST_DOWN_ERRORS: a timed-out or failed command does not): its
+    health stays as it was."""
+    now = now or utc_now()
+    if error is None:
+        return _record_ok(state_dir, host, now)
     if not isinstance(error, HOST_DOWN_ERRORS):
         return None
-    return record_host_failure(state_dir, error.host, str(error), error.transient, now=now)
+    return _record_failure(state_dir, host, str(error), error.transient, now, policy)
+
+
+def awaiting_operator(state_dir: Path, host: str, *, now: datetime | None = None) -> bool:
+    """The host was refused (host key, credentials) and is not due for its next check: it is
+    left alone until then (or until `mqi hosts` finds it fixed)."""
+    health = host_health(state_dir, host)
+    return health.needs_operator and not health.usable(now or utc_now())
 
 
 def reachable_hosts(

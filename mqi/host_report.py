@@ -7,7 +7,8 @@ for all of them: a dead host is reported as not answering instead of stalling th
 thread still stuck on it does not keep the process alive.
 
 What the check finds about reachability is recorded in the host health files
-(`mqi.host_health`), so running `mqi hosts` also brings a recovered host back into placement.
+(`mqi.host_health`), so running `mqi hosts` also brings a recovered host back into placement
+(a host refused for its key or our credentials too, once the operator has fixed them).
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from typing import Any
 
 from mqi.gpu import Gpu, GpuProcess, in_devices, query_gpus
 from mqi.group_sightings import GroupRecord, group_records
-from mqi.host_health import HostHealth, host_health, record_host_ok, record_transport_error
+from mqi.host_health import HostHealth, awaiting_operator, host_health
 from mqi.queue.base import QueueError, QueueSnapshot, TaskState
 from mqi.settings import HostSettings
 from mqi.site import Site
 from mqi.timefmt import utc_now
-from mqi.transport.base import TransportError
+from mqi.transport.base import HostRefused, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class HostReport:
     address: str
     reachable: bool
     reason: str | None = None  # why it is not reachable
+    needs_operator: bool = False  # refused (host key, credentials): a retry cannot help
     queue: str | None = None  # pueue's version line, or LOCAL_QUEUE
     queue_problem: str | None = None  # reachable, but its queue refused (daemon down, ...)
     groups: tuple[GroupReport, ...] = ()
@@ -71,14 +73,18 @@ class HostReport:
 # -- gathering ------------------------------------------------------------------------------
 
 
-def host_reports(site: Site, timeout: float = DEFAULT_TIMEOUT) -> list[HostReport]:
-    """Every configured host, in configured order, checked concurrently within `timeout`."""
+def host_reports(
+    site: Site, timeout: float = DEFAULT_TIMEOUT, *, recheck_refused: bool = True
+) -> list[HostReport]:
+    """Every configured host, in configured order, checked concurrently within `timeout`.
+    `recheck_refused` False: a host refused (needs an operator) is reported as recorded until
+    its next check is due, not asked again (the main job's reconcile runs every minute)."""
     reports: dict[str, HostReport] = {}
     threads = []
     for host in site.settings.hosts:
         thread = threading.Thread(
             target=_check_into,
-            args=(reports, site, host, timeout),
+            args=(reports, site, host, timeout, recheck_refused),
             name=f"mqi-hosts-{host.name}",
             daemon=True,
         )
@@ -95,10 +101,18 @@ def host_reports(site: Site, timeout: float = DEFAULT_TIMEOUT) -> list[HostRepor
 
 
 def _check_into(
-    reports: dict[str, HostReport], site: Site, host: HostSettings, timeout: float
+    reports: dict[str, HostReport],
+    site: Site,
+    host: HostSettings,
+    timeout: float,
+    recheck_refused: bool,
 ) -> None:
     started = time.monotonic()
     try:
+        if not recheck_refused and awaiting_operator(site.settings.state_dir, host.name):
+            reason = host_health(site.settings.state_dir, host.name).reason
+            reports[host.name] = _unanswered(site, host, reason, 0.0, needs_operator=True)
+            return
         reports[host.name] = check_host(site, host, timeout)
     except Exception as error:  # a surprise on one host must not hide the others
         log.exception("checking host %s failed", host.name)
@@ -109,7 +123,6 @@ def _check_into(
 def check_host(site: Site, host: HostSettings, timeout: float) -> HostReport:
     """One host: queue and GPUs through its transport; records its health."""
     started = time.monotonic()
-    state_dir = site.settings.state_dir
     command_timeout = min(timeout, host.command_timeout)
     try:
         asked_at = utc_now()
@@ -117,8 +130,9 @@ def check_host(site: Site, host: HostSettings, timeout: float) -> HostReport:
         answered_at = utc_now()
         gpu_report = query_gpus(site.transport(host.name), command_timeout, host.nvidia_smi)
     except TransportError as error:
-        record_transport_error(state_dir, error)
-        return _unanswered(site, host, str(error), time.monotonic() - started)
+        site.note_host_call(host.name, error)  # through the site: news is announced (reconcile)
+        return _unanswered(site, host, str(error), time.monotonic() - started,
+                           needs_operator=isinstance(error, HostRefused))
     if snapshot is not None:
         site.note_groups_seen(host.name, snapshot, asked_at, answered_at)
     return HostReport(
@@ -127,10 +141,10 @@ def check_host(site: Site, host: HostSettings, timeout: float) -> HostReport:
         reachable=True,
         queue=queue,
         queue_problem=queue_problem,
-        groups=group_reports(host, snapshot, group_records(state_dir, host.name)),
+        groups=group_reports(host, snapshot, group_records(site.settings.state_dir, host.name)),
         gpus=tuple(GpuLine(gpu, gpu_report.foreign_on(gpu)) for gpu in gpu_report.gpus),
         gpu_problem=gpu_report.problem,
-        health=record_host_ok(state_dir, host.name),
+        health=site.note_host_call(host.name, None),
         seconds=time.monotonic() - started,
     )
 
@@ -187,12 +201,15 @@ def group_reports(
     return tuple(reports)
 
 
-def _unanswered(site: Site, host: HostSettings, reason: str, seconds: float) -> HostReport:
+def _unanswered(
+    site: Site, host: HostSettings, reason: str, seconds: float, *, needs_operator: bool = False
+) -> HostReport:
     return HostReport(
         host.name,
         address(host),
         reachable=False,
         reason=reason,
+        needs_operator=needs_operator,
         groups=group_reports(host, None),
         health=host_health(site.settings.state_dir, host.name),
         seconds=seconds,
@@ -209,6 +226,7 @@ def report_json(report: HostReport, zone: tzinfo) -> dict[str, Any]:
         "address": report.address,
         "reachable": report.reachable,
         "reason": report.reason,
+        "needs_operator": report.needs_operator,
         "queue": report.queue,
         "queue_problem": report.queue_problem,
         "groups": [
@@ -260,8 +278,12 @@ def _health_json(health: HostHealth, zone: tzinfo) -> dict[str, Any]:
 
 
 def status_text(report: HostReport) -> str:
-    """'reachable', or 'UNREACHABLE: why'."""
-    return "reachable" if report.reachable else f"UNREACHABLE: {report.reason}"
+    """'reachable', 'UNREACHABLE: why', or 'REFUSED, needs an operator: why'."""
+    if report.reachable:
+        return "reachable"
+    if report.needs_operator:
+        return f"REFUSED, needs an operator: {report.reason}"
+    return f"UNREACHABLE: {report.reason}"
 
 
 def health_text(health: HostHealth | None, zone: tzinfo) -> str:
@@ -269,7 +291,8 @@ def health_text(health: HostHealth | None, zone: tzinfo) -> str:
     if health is None or health.reachable is not False:
         return "used"
     since, retry_at = health.since.astimezone(zone), health.next_check().astimezone(zone)
-    return f"skipped (down since {since:%m-%d %H:%M}) until {retry_at:%m-%d %H:%M}"
+    why = "refused" if health.needs_operator else "down"
+    return f"skipped ({why} since {since:%m-%d %H:%M}) until {retry_at:%m-%d %H:%M}"
 
 
 def _on_host_text(group: GroupReport) -> str:

@@ -19,13 +19,13 @@ from mqi.arrival_line import ArrivalGate, ArrivalLine, ExpectedArrivals
 from mqi.errors import ConfigError
 from mqi.gpu import GpuCache
 from mqi.group_sightings import record_seen
-from mqi.host_health import HostHealth, record_host_ok, record_transport_error
+from mqi.host_health import HostHealth, record_host_call
 from mqi.ledger.states import SLOT_STATES
 from mqi.ledger.store import Ledger
 from mqi.polling import SharedLogTails, SharedStatus
 from mqi.queue.base import Queue, QueueSnapshot
 from mqi.settings import GroupSettings, HostSettings, Settings
-from mqi.transport.base import Transport, TransportError
+from mqi.transport.base import Transport
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,12 @@ class Site:
         #: the cases of this process take GPU slots and reach the queues in arrival order
         self.arrival_line = ArrivalLine(retry_seconds=SLOT_RETRY_SECONDS)
         self.gpu_cache = GpuCache(interval=settings.case.poll_seconds)
-        #: called with a HostHealth when a host becomes reachable or unreachable
+        #: called with a HostHealth when a host becomes reachable, unreachable or refused
         self.host_listeners: list[Callable[[HostHealth], None]] = []
+        #: A case on a host that needs an operator (its key changed, our credentials refused)
+        #: waits for the fix, checked at the host-health back-off. False where a user waits at
+        #: the terminal (`mqi submit`): the run ends at once with the host's message instead.
+        self.waits_for_operator = True
 
     @cached_property
     def ledger(self) -> Ledger:
@@ -138,17 +142,17 @@ class Site:
         with self._lock:
             return self._upload_gates.setdefault(host_name, ArrivalGate(self.expected_arrivals))
 
-    def note_host_call(self, host_name: str, error: Exception | None) -> None:
-        """Keep the host's health (reachable or not, and why) for placement and `mqi hosts`."""
-        if error is None:
-            health = record_host_ok(self.settings.state_dir, host_name)
-        elif isinstance(error, TransportError):
-            health = record_transport_error(self.settings.state_dir, error)
-        else:
-            return
-        if health is not None and health.since == health.last_checked:  # it just went up or down
+    def note_host_call(self, host_name: str, error: Exception | None) -> HostHealth | None:
+        """Keep the host's health (reachable or not, and why) for placement and `mqi hosts`, and
+        tell the listeners when it is news (it came back, went away, or now needs an operator).
+        Returns the health recorded; None when the error says nothing about the host."""
+        recorded = record_host_call(self.settings.state_dir, host_name, error)
+        if recorded is None:
+            return None
+        if recorded.news:
             for listener in self.host_listeners:
-                listener(health)
+                listener(recorded.health)
+        return recorded.health
 
     def note_groups_seen(self, host_name: str, snapshot: QueueSnapshot, asked_at: datetime,
                          answered_at: datetime) -> None:

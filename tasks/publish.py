@@ -136,11 +136,12 @@ def emit_state_event(site: Site, case: Case, from_state: CaseState, attempt_id: 
 
 
 def emit_host_event(health: HostHealth) -> None:
-    """`mqi.host.reachable` / `mqi.host.unreachable` when a host comes back or goes away."""
+    """`mqi.host.reachable` / `.unreachable` / `.refused` (needs an operator: host key or
+    credentials) when a host comes back, goes away, or its problem changes kind."""
     emit_event(
-        f"mqi.host.{'reachable' if health.reachable else 'unreachable'}",
+        f"mqi.host.{health.condition}",
         resource={"prefect.resource.id": f"mqi.host.{health.host}", "prefect.resource.name": health.host},
-        payload={"reason": health.reason},
+        payload={"reason": health.reason, "needs_operator": health.needs_operator},
     )
 
 

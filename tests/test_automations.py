@@ -19,5 +19,5 @@ def test_shipped_automations_are_created_on_a_server(prefect_server):
     with get_client(sync_client=True) as client:
         ids = [client.create_automation(a) for a in automations]
         stored = [client.read_automation(i) for i in ids]
-    assert [a.trigger.expect for a in stored] == [{"mqi.case.failed"}, {"mqi.host.reachable"}]
-    assert [a.actions[0].type for a in stored] == ["send-notification", "run-deployment"]
+    assert [a.trigger.expect for a in stored] == [{"mqi.case.failed"}, {"mqi.host.refused"}, {"mqi.host.reachable"}]
+    assert [a.actions[0].type for a in stored] == ["send-notification", "send-notification", "run-deployment"]

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from tests.support.cases import make_case, pid_alive, wait_for
+from mqi.ledger.states import CaseState
+from mqi.ledger.store import Ledger
+from tests.support.cases import make_case, pid_alive, ssh_host, wait_for
+from tests.support.sshd import generate_key
 
 MQI = [sys.executable, "-m", "mqi.cli"]
 # The user's shell, not the test harness: no Prefect or mqi settings leak into the commands.
@@ -116,3 +119,36 @@ def _read(path: Path) -> str | None:
         return path.read_text().strip() or None
     except FileNotFoundError:
         return None
+
+
+def test_submit_to_a_host_whose_key_changed_ends_with_the_fix_and_the_case_waits(tmp_path, prefect_server, sshd,
+                                                                                  fake_pueue):
+    impostor = generate_key(tmp_path / "impostor")
+    key_type, key_data = impostor.with_suffix(".pub").read_text().split()[:2]
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[{sshd.hostname}]:{sshd.port} {key_type} {key_data}\n")
+    host = ssh_host(tmp_path, sshd, fake_pueue) | {"known_hosts": str(known_hosts)}
+    config = tmp_path / "mqi.yaml"
+    config.write_text(yaml.safe_dump({
+        "state_dir": str(tmp_path / ".mqi"), "results_dir": str(tmp_path / "results"),
+        "ledger": {"url": f"sqlite:///{tmp_path / 'mqi.db'}"}, "prefect": {"api_url": prefect_server},
+        "case": {"command": "mkdir -p output; cp RTPLAN.dcm output/", "poll_seconds": 0.3}, "hosts": [host],
+    }))
+    folder = make_case(tmp_path, "plan")
+
+    for _ in ("first try", "again, with the host already marked refused"):
+        result = subprocess.run([*MQI, "--config", str(config), "submit", str(folder)], cwd=tmp_path, env=CLEAN_ENV,
+                                capture_output=True, text=True, timeout=150)  # it used to wait for ever here
+
+        assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+        assert "Traceback" not in result.stdout + result.stderr
+        [error] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert error.startswith(f"error: host {host['name']!r}: the host key of") and "has CHANGED" in error
+        assert f"ssh-keygen -R '[{sshd.hostname}]:{sshd.port}' -f {known_hosts}" in error
+
+    ledger = Ledger.open(f"sqlite:///{tmp_path / 'mqi.db'}")
+    case = ledger.find_case(str(folder))
+    assert case.state is CaseState.PENDING and case.failure_category is None  # resumable, never failed
+    assert CaseState.FAILED not in {event.to_state for event in ledger.events(case.id)}
+    assert ledger.attempts(case.id) == [] and fake_pueue.status()["tasks"] == {}
+    assert not (tmp_path / "remote").exists(), "something was sent to a host that was not verified"

@@ -6,6 +6,10 @@ task per attempt, and results that are either complete and verified or absent.
 
 from __future__ import annotations
 
+import logging
+import re
+import shlex
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from mqi.host_report import check_host
+from flows.reconcile import adopt_unknown_tasks, report_hosts
+from mqi.host_health import host_health
+from mqi.host_report import check_host, host_reports, status_text
 from mqi.ledger.states import AttemptResult, CaseState, FailureCategory
 from tests.support.cases import (
     case_state,
@@ -35,6 +41,7 @@ from tests.support.faults import (
     tasks_labelled,
     tree_digest,
 )
+from tests.test_process_case import prefect_events
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -81,6 +88,77 @@ def test_cases_waiting_through_a_20_second_ssh_outage_all_complete(tmp_path, ssh
         assert [s.result(timeout=180) for s in states] == ["completed"] * 3
     for folder in folders:
         assert_completed_once(site, fake_pueue, folder)
+
+
+def test_a_host_key_changed_under_waiting_cases_is_announced_once_and_waited_out(tmp_path, sshd_factory, fake_pueue,
+                                                                                  caplog):
+    server = sshd_factory(log_level="VERBOSE")  # logs every connection: the test counts them
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(server.known_hosts_line)  # the key the operator trusted
+    fake_pueue.add_group("gpu", 2)
+    host = ssh_host(tmp_path, server, fake_pueue, groups=({"name": "gpu", "slots": 2},)) | {
+        "known_hosts": str(known_hosts)}
+    release = tmp_path / "release"  # the engines run until the test creates it
+    engine = f"while [ ! -e {shlex.quote(str(release))} ]; do sleep 0.1; done; {OUTPUT}"
+    site = start(settings_for(tmp_path, [host], command=engine))
+    waiting = [make_case(tmp_path, f"waiting-{n}") for n in range(2)]
+    runs = [run_in_background(folder) for folder in waiting]
+    wait_for(lambda: all(case_state(site, f) in (CaseState.QUEUED, CaseState.RUNNING) for f in waiting),
+             timeout=90, what="both cases to be submitted")
+
+    server.replace_host_key()  # the host is reinstalled under the waiting cases
+    wait_for(lambda: host_health(site.settings.state_dir, host["name"]).needs_operator, timeout=60,
+             what="the host to be marked refused")
+    [looked] = host_reports(site, timeout=30)  # the operator looks (`mqi hosts`): refused again, not news
+    assert status_text(looked).startswith("REFUSED, needs an operator: ") and "has CHANGED" in looked.reason
+    caplog.set_level(logging.WARNING, logger="mqi.casework")
+    late = make_case(tmp_path, "late")
+    runs.append(run_in_background(late))  # placed while the host is refused: it waits for placement
+    wait_for(lambda: case_state(site, late) is CaseState.PENDING, what="the late case to be registered")
+    connections = server.connections_seen()
+    # What reconcile does every minute asks nothing of the host either.
+    assert adopt_unknown_tasks.fn() == [f"host {host['name']}: not checked: refused, needs an operator (see `mqi hosts`)"]
+    assert "has CHANGED" in report_hosts.fn()[0]
+    wait_for(lambda: len(_placement_waits(caplog, "late")) >= 4, what="the late case to try placement 4 times")
+    release.touch()  # meanwhile the cases polled several times, without asking the host
+    wait_for(lambda: all("Done" in task["status"] for task in fake_pueue.status()["tasks"].values()), timeout=60,
+             what="the tasks to end on the host")
+    assert server.connections_seen() == connections, "the refused host was asked again before its next check"
+    assert {case_state(site, f) for f in waiting} <= {CaseState.QUEUED, CaseState.RUNNING}  # waiting, not failed
+    assert case_state(site, late) is CaseState.PENDING and "has CHANGED" in _placement_waits(caplog, "late")[0]
+    assert all(thread.is_alive() for thread, _ in runs)
+
+    # The operator does what the message says: the old key removed, the new one accepted, `mqi hosts`.
+    reason = host_health(site.settings.state_dir, host["name"]).reason
+    [remove] = [command for command in re.findall(r"`([^`]+)`", reason) if command.startswith("ssh-keygen -R ")]
+    subprocess.run(shlex.split(remove), check=True, capture_output=True)
+    with known_hosts.open("a") as file:
+        file.write(server.known_hosts_line)
+    [report] = host_reports(site, timeout=30)
+    assert report.reachable, report.reason
+
+    for thread, outcome in runs:
+        thread.join(180)
+        assert outcome.get("state") == "completed", outcome
+    for folder in [*waiting, late]:
+        assert_completed_once(site, fake_pueue, folder)
+    refused = wait_for(lambda: _refused_then_reachable(f"mqi.host.{host['name']}"), what="the host's events")
+    assert len(refused) == 1, refused  # one announcement, not one per poll or per case
+    assert "has CHANGED" in refused[0].payload["reason"] and refused[0].payload["needs_operator"] is True
+
+
+def _placement_waits(caplog, case_name: str) -> list[str]:
+    """What the case's placement said each time it found no usable host."""
+    return [r.getMessage() for r in caplog.records if f"no usable group for case {case_name} now" in r.getMessage()]
+
+
+def _refused_then_reachable(resource_id: str) -> list | None:
+    """The `mqi.host.refused` events, once a `mqi.host.reachable` event has followed them."""
+    events = sorted(prefect_events(resource_id), key=lambda event: event.occurred)
+    names = [event.event for event in events]
+    if "mqi.host.refused" not in names or "mqi.host.reachable" not in names[names.index("mqi.host.refused"):]:
+        return None
+    return [event for event in events if event.event == "mqi.host.refused"]
 
 
 @pytest.mark.parametrize("direction", ["upload", "download"])

@@ -14,11 +14,11 @@ from mqi.host_health import (
     health_file,
     host_health,
     reachable_hosts,
+    record_host_call,
     record_host_failure,
     record_host_ok,
-    record_transport_error,
 )
-from mqi.transport.base import AuthenticationFailed, CommandTimeout, HostUnreachable
+from mqi.transport.base import AuthenticationFailed, CommandTimeout, HostKeyRejected, HostUnreachable
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 REFUSED = "host 'gpu-b': cannot connect to 10.0.0.2:22 after 4 attempts: ConnectionRefusedError"
@@ -94,18 +94,34 @@ def test_failures_within_one_window_count_once(tmp_path):
 def test_a_failure_a_retry_cannot_fix_waits_the_ceiling(tmp_path):
     policy = RecheckPolicy(first_seconds=30, max_seconds=600)
     error = AuthenticationFailed("gpu-b", "root@gpu-b refused our credentials")
-    health = record_transport_error(tmp_path, error, now=at(0))
+    health = record_host_call(tmp_path, "gpu-b", error, now=at(0)).health
     assert (health.reachable, health.transient) == (False, False)
     assert "refused our credentials" in health.reason
     assert health.next_check(policy) == at(600)
 
 
+def test_a_host_change_is_news_once_however_many_callers_record_it(tmp_path):
+    down = HostUnreachable("gpu-b", "cannot connect to 10.0.0.2:22")
+    key_changed = HostKeyRejected("gpu-b", "the host key of 10.0.0.2:22 has CHANGED")
+    calls = [
+        (0, None),  # first seen: reachable
+        (10, down), (11, down), (12, down),  # several cases find it down at once
+        (20, key_changed), (21, key_changed),  # it came back with another key: needs an operator
+        (700, key_changed),  # still refused when checked again after the back-off
+        (800, None), (801, None),  # fixed
+    ]  # fmt: skip
+    recorded = [record_host_call(tmp_path, "gpu-b", error, now=at(t)) for t, error in calls]
+    assert [r.news for r in recorded] == [True, True, False, False, True, False, False, True, False]
+    announced = [r.health.condition for r in recorded if r.news]  # what the site's events say
+    assert announced == ["reachable", "unreachable", "refused", "reachable"]
+
+
 def test_only_errors_that_mean_the_host_is_out_of_reach_mark_it(tmp_path):
     slow = CommandTimeout("gpu-a", "'pueue' did not finish within 30 s")
-    assert record_transport_error(tmp_path, slow) is None
+    assert record_host_call(tmp_path, "gpu-a", slow) is None
     assert host_health(tmp_path, "gpu-a").reachable is None
     down = HostUnreachable("gpu-a", "cannot connect")
-    assert record_transport_error(tmp_path, down).reachable is False
+    assert record_host_call(tmp_path, "gpu-a", down).health.reachable is False
 
 
 def test_a_damaged_file_counts_as_unknown_and_is_replaced(tmp_path):

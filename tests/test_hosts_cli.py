@@ -32,6 +32,7 @@ from tests.support.nvidia_smi import (
     stop_processes,
 )
 from tests.support.pueue_fixtures import FakePueue, install_fake_pueue
+from tests.support.sshd import generate_key
 
 GROUPS = [
     {"name": "gpu0", "slots": 1, "devices": "0"},
@@ -281,3 +282,32 @@ def test_a_paused_group_is_shown_with_the_cause_reconcile_found(tmp_path, fake_p
     fake_pueue.start_group("default")  # running again: the pause and its cause are over
     [report] = json.loads(CliRunner().invoke(app, ["--config", str(config), "hosts", "--json"]).output)
     assert [(g["on_host"], g["pause_cause"]) for g in report["groups"]] == [("ok", None)]
+
+
+def test_a_host_whose_key_changed_is_shown_refused_with_the_fix(sshd, tmp_path):
+    impostor = generate_key(tmp_path / "impostor")
+    key_type, key_data = impostor.with_suffix(".pub").read_text().split()[:2]
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[{sshd.hostname}]:{sshd.port} {key_type} {key_data}\n")
+    host = {"name": "reinstalled", "transport": "ssh", "queue": "pueue", "hostname": sshd.hostname,
+            "port": sshd.port, "username": sshd.username, "key_file": str(sshd.key_file),
+            "known_hosts": str(known_hosts), "workdir": str(tmp_path / "work")}  # fmt: skip
+    config = config_file(tmp_path, [host])
+
+    result = subprocess.run(
+        [sys.executable, "-m", "mqi.cli", "--config", str(config), "hosts", "--json"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+
+    assert result.returncode == 1, result.stderr
+    [report] = json.loads(result.stdout)
+    assert (report["reachable"], report["needs_operator"]) == (False, True)
+    assert "has CHANGED" in report["reason"] and sshd.host_key_fingerprint in report["reason"]
+    assert f"line 1 of {known_hosts}" in report["reason"]
+    assert f"ssh-keygen -R '[{sshd.hostname}]:{sshd.port}' -f {known_hosts}" in report["reason"]
+    assert report["health"]["reachable"] is False  # placement leaves it alone until its next check
+
+    table = CliRunner().invoke(app, ["--config", str(config), "hosts"], env={"COLUMNS": "400"})
+    assert table.exit_code == 1
+    assert "REFUSED, needs an operator: host 'reinstalled': the host key" in table.output
+    assert "skipped (refused since" in table.output

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
+import shlex
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -10,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from mqi.transport.base import AuthenticationFailed, HostKeyRejected, HostUnreachable
+from mqi.transport.base import AuthenticationFailed, HostKeyRejected, HostRefused, HostUnreachable
 from mqi.transport.ssh import SshTransport, shared_ssh_transport
 from tests.support.sshd import generate_key
 
@@ -39,6 +42,7 @@ def test_unknown_host_key_is_refused_with_its_fingerprint(sshd, tmp_path):
 
     assert sshd.host_key_fingerprint in str(refused.value)
     assert "unknown host key" in str(refused.value)
+    assert isinstance(refused.value, HostRefused) and not refused.value.transient
     assert empty.read_text() == ""  # nothing recorded without the opt-in
 
 
@@ -53,6 +57,28 @@ def test_changed_host_key_is_refused(sshd, tmp_path):
 
     assert "CHANGED" in str(refused.value)
     assert sshd.host_key_fingerprint in str(refused.value)
+
+
+@pytest.mark.parametrize("hashed", [False, True], ids=["plain", "hashed"])
+def test_a_changed_host_key_needs_an_operator_and_its_message_names_the_fix(sshd, tmp_path, hashed):
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("# the GPU hosts\n" + other_host_key_line(sshd, tmp_path))
+    if hashed:  # as OpenSSH writes it with HashKnownHosts (Debian's default)
+        subprocess.run(["ssh-keygen", "-H", "-f", str(known_hosts)], check=True, capture_output=True)
+    transport = transport_for(sshd, known_hosts=known_hosts)
+
+    with pytest.raises(HostRefused) as refused:
+        transport.run(["true"], timeout=20)
+
+    assert not refused.value.transient  # not a network fault: nothing retries it with back-off
+    message = str(refused.value)
+    assert f"line 2 of {known_hosts}" in message  # where the old key is, as `ssh` would say
+    # The fix the message names works: the old key removed, the new one accepted, connected.
+    [remove] = [command for command in re.findall(r"`([^`]+)`", message) if command.startswith("ssh-keygen -R ")]
+    subprocess.run(shlex.split(remove), check=True, capture_output=True)
+    with known_hosts.open("a") as file:
+        file.write(sshd.known_hosts_line)  # what `ssh` records once the operator accepts the key
+    transport.run(["true"], timeout=20).check()
 
 
 def test_accepting_unknown_keys_records_the_key_on_first_use(sshd, tmp_path):

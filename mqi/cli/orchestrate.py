@@ -51,13 +51,15 @@ def submit(
     host: Annotated[str | None, typer.Option(help="run on this host")] = None,
     group: Annotated[str | None, typer.Option(help="run in this GPU group")] = None,
 ) -> None:
-    """Process one case now, in this process; exit 0 when completed, 1 when not."""
+    """Process one case now, in this process; exit 0 when completed, 1 when not (also when a
+    host needs an operator: its key changed, our credentials refused; the case stays as it was)."""
     if not path.is_dir():
         raise UserError(f"{path} is not a folder")
     settings = current_settings()
     if host:
         settings.host(host)
     site = start_site(settings)
+    site.waits_for_operator = False  # the user is here: tell them now, do not wait for the fix
     from flows.process_case import process_case
 
     state = process_case(case=_flow_parameter(site, path.resolve()), host=host, group=group)
@@ -108,6 +110,8 @@ def retry(
     typer.echo(f"case {record.name}: pending again (attempt {len(site.ledger.attempts(record.id)) + 1} next)")
     if now:
         from flows.process_case import process_case
+
+        site.waits_for_operator = False
 
         state = process_case(case=str(record.id))
         typer.echo(f"case {record.name}: {state}")

@@ -34,11 +34,17 @@ class HostUnreachable(TransportError):
     transient = True
 
 
-class AuthenticationFailed(TransportError):
+class HostRefused(TransportError):
+    """The host cannot be used until an operator acts: its host key is unknown or changed, or
+    it refuses our credentials. Not a passing fault (a retry cannot help), and not a fault of
+    the case: cases wait for the fix. The message says what to fix."""
+
+
+class AuthenticationFailed(HostRefused):
     """The host refused our credentials: an operator must fix the key or password."""
 
 
-class HostKeyRejected(TransportError):
+class HostKeyRejected(HostRefused):
     """The host key is unknown or has changed; the message carries its fingerprint."""
 
 

@@ -31,6 +31,7 @@ from typing import BinaryIO, TypeVar
 
 import paramiko
 from paramiko.buffered_pipe import BufferedPipe
+from paramiko.hostkeys import HostKeyEntry, InvalidHostKey
 from pydantic import SecretStr
 
 from mqi.transport._common import Deadline, command_timeout
@@ -38,6 +39,7 @@ from mqi.transport.base import (
     AuthenticationFailed,
     CommandResult,
     HostKeyRejected,
+    HostRefused,
     HostUnreachable,
     Transport,
 )
@@ -346,16 +348,10 @@ class SshTransport(Transport):
 
     def _classify(self, error: BaseException) -> BaseException:
         """Turn what paramiko or the socket raised into one of our error types."""
-        if isinstance(error, (HostKeyRejected, AuthenticationFailed)):
+        if isinstance(error, HostRefused):
             return error
         if isinstance(error, paramiko.BadHostKeyException):
-            return HostKeyRejected(
-                self.host,
-                f"the host key of {self.hostname}:{self.port} has CHANGED: it offered "
-                f"{error.key.get_name()} {fingerprint(error.key)} but {self.known_hosts} "
-                f"holds {fingerprint(error.expected_key)}. This can be an attack; if the "
-                f"host was really reinstalled, replace its line in {self.known_hosts}.",
-            )
+            return self._changed_host_key(error.key, error.expected_key)
         if isinstance(error, paramiko.AuthenticationException):
             return AuthenticationFailed(
                 self.host, f"{self.username}@{self.hostname} refused our credentials: {error}"
@@ -363,6 +359,30 @@ class SshTransport(Transport):
         if isinstance(error, (paramiko.SSHException, OSError, EOFError)):
             return _Unreachable(f"{type(error).__name__}: {error}")
         return error
+
+    def _changed_host_key(self, offered: paramiko.PKey, expected: paramiko.PKey) -> HostKeyRejected:
+        name = known_hosts_name(self.hostname, self.port)
+        line = known_hosts_line(self.known_hosts, name, expected)
+        holder = f"line {line} of {self.known_hosts}" if line else str(self.known_hosts)
+        file = shlex.quote(str(self.known_hosts))
+        return HostKeyRejected(
+            self.host,
+            f"the host key of {self.hostname}:{self.port} has CHANGED: it offered "
+            f"{offered.get_name()} {fingerprint(offered)}, but {holder} holds "
+            f"{fingerprint(expected)}. This can be an attack: the host is not used until an "
+            f"operator acts. If the host was really reinstalled and {fingerprint(offered)} is "
+            f"its new key (ask its administrator), remove the old key with "
+            f"`ssh-keygen -R {shlex.quote(name)} -f {file}`, {self._accept_hint()}.",
+        )
+
+    def _accept_hint(self) -> str:
+        """How an operator records a host key they have checked, and brings the host back."""
+        login = shlex.quote(f"{self.username}@{self.hostname}")
+        return (
+            f"accept the new key once with `ssh -o UserKnownHostsFile="
+            f"{shlex.quote(str(self.known_hosts))} -p {self.port} {login}`, then run "
+            f"`mqi hosts` to use the host again"
+        )
 
     def _load_key(self) -> paramiko.PKey | None:
         if self.key_file is None:
@@ -382,6 +402,38 @@ class SshTransport(Transport):
         line = f"{lookup_name} {key.get_name()} {key.get_base64()}\n"
         with self.known_hosts.open("a") as known_hosts:
             known_hosts.write(line)
+
+
+def known_hosts_name(hostname: str, port: int) -> str:
+    """How known_hosts (and paramiko) name a host: `[host]:port` unless the port is 22."""
+    return hostname if port == 22 else f"[{hostname}]:{port}"
+
+
+def known_hosts_line(path: Path, name: str, key: paramiko.PKey) -> int | None:
+    """The number of the line in `path` that holds `key` for `name` (plain or hashed), counted
+    as OpenSSH counts them; None when it cannot be told."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for number, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            entry = HostKeyEntry.from_line(line, number)
+        except (InvalidHostKey, paramiko.SSHException, ValueError):
+            continue  # a line paramiko cannot read is not the one it matched
+        if entry is not None and entry.key.asbytes() == key.asbytes():
+            if any(_names_host(pattern, name) for pattern in entry.hostnames):
+                return number
+    return None
+
+
+def _names_host(pattern: str, name: str) -> bool:
+    if pattern.startswith("|1|"):  # hashed (HashKnownHosts): compare the hash of our name
+        return paramiko.HostKeys.hash_host(name, pattern) == pattern
+    return pattern == name
 
 
 class _Unreachable(Exception):
@@ -406,9 +458,10 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
         if not owner.accept_unknown_host_keys:
             raise HostKeyRejected(
                 owner.host,
-                f"unknown host key for {hostname}: {key.get_name()} {fingerprint(key)}. "
-                f"Check it with the host's administrator, then add it to {owner.known_hosts} "
-                f"(or allow accept_unknown_host_keys to record it on first use).",
+                f"unknown host key for {hostname}: {key.get_name()} {fingerprint(key)}, not "
+                f"in {owner.known_hosts}: the host is not used until an operator acts. If it is "
+                f"the host's key (ask its administrator), {owner._accept_hint()}; or set "
+                f"accept_unknown_host_keys to record the key of a new host on first use.",
             )
         owner._record_host_key(hostname, key)
         client.get_host_keys().add(hostname, key.get_name(), key)

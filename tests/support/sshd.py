@@ -70,7 +70,8 @@ class OpenSshServer:
 
     hostname = "127.0.0.1"
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, log_level: str = "ERROR"):
+        """`log_level` VERBOSE logs every connection (see `connections_seen`)."""
         if not SSHD.exists():
             raise RuntimeError(
                 f"{SSHD} not found: install the OpenSSH server (apt-get install openssh-server)"
@@ -86,6 +87,7 @@ class OpenSshServer:
         self.host_key_fingerprint = sha256_fingerprint(self.host_key.with_suffix(".pub"))
         self.known_hosts = workdir / "known_hosts"
         self.log_file = workdir / "sshd.log"
+        self.log_level = log_level
         self._authorized_keys = workdir / "authorized_keys"
         self._authorized_keys.write_text(
             "".join(
@@ -120,11 +122,30 @@ StrictModes no
 UsePAM {use_pam}
 MaxStartups 200:30:400
 MaxSessions 10
-LogLevel ERROR
+LogLevel {self.log_level}
 Subsystem sftp internal-sftp
 """
         )
         return config
+
+    def connections_seen(self) -> int:
+        """Connections the server accepted so far (counted only at log_level VERBOSE), including
+        the probes of `start`."""
+        if not self.log_file.exists():
+            return 0
+        return self.log_file.read_text(errors="replace").count("Connection from ")
+
+    def replace_host_key(self) -> None:
+        """The host reinstalled: a new host key, so clients that knew the old one refuse it.
+        A running server restarts with it (its connections are cut)."""
+        was_running = self.running
+        self.stop()
+        self.host_key.unlink()
+        self.host_key.with_suffix(".pub").unlink()
+        generate_key(self.host_key)
+        self.host_key_fingerprint = sha256_fingerprint(self.host_key.with_suffix(".pub"))
+        if was_running:
+            self.start()
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -254,10 +275,11 @@ class SshdFactory:
         self._root = root
         self._servers: list[OpenSshServer] = []
 
-    def __call__(self) -> OpenSshServer:
+    def __call__(self, **options) -> OpenSshServer:
+        """A started server; `options` go to OpenSshServer (log_level)."""
         workdir = Path(tempfile.mkdtemp(prefix="sshd-", dir=self._root))
         try:
-            server = OpenSshServer(workdir)
+            server = OpenSshServer(workdir, **options)
         except RuntimeError as missing:
             pytest.fail(str(missing), pytrace=False)
         self._servers.append(server)
