@@ -267,6 +267,7 @@ class WaitOutcome:
 
 
 MOVED_ON = WaitOutcome(None, message="the case was moved on (cancelled) while it waited", moved_on=True)
+TIMED_OUT = WaitOutcome(AttemptResult.TIMEOUT, message="timed out")
 
 
 @dataclass
@@ -309,23 +310,26 @@ class Waiter:
         while True:
             if self._moved_on():  # a cancel is seen within one poll interval
                 return MOVED_ON
-            remaining = (self.deadline - self.clock()).total_seconds()
-            if remaining <= 0:
-                return WaitOutcome(AttemptResult.TIMEOUT, message="timed out")
             if self._host_needs_operator():  # left alone until its next check; a fix recorded
-                self.sleep(min(poll, remaining))  # meanwhile (`mqi hosts`) is seen within a poll
+                if (remaining := self._remaining()) <= 0:  # meanwhile (`mqi hosts`) is seen within a poll
+                    return TIMED_OUT
+                self.sleep(min(poll, remaining))
                 continue
             try:
                 task = status.snapshot().find(self.attempt.task_id, self.attempt.label)
             except (TransportError, QueueError) as exc:
-                if isinstance(exc, HostRefused) and self.site.waits_for_operator:
+                refused = isinstance(exc, HostRefused) and self.site.waits_for_operator
+                if isinstance(exc, TransportError) and not exc.transient and not refused:
+                    raise
+                # Unreachable, refused until an operator acts, or pueue not answering sensibly
+                # (daemon restarting, output cut short) is not a failure: keep waiting, the
+                # timeout clock keeps running.
+                if (remaining := self._remaining()) <= 0:
+                    return TIMED_OUT
+                if refused:
                     log.warning("case %s waits until an operator acts: %s", self.case.uid, exc)
                     self.sleep(min(poll, remaining))
                     continue
-                if isinstance(exc, TransportError) and not exc.transient:
-                    raise
-                # Unreachable, or pueue not answering sensibly (daemon restarting, output cut
-                # short) is not a failure: keep waiting, the timeout clock keeps running.
                 log.warning("case %s: %s; polling again in %.0f s", self.case.uid, exc, backoff)
                 self.sleep(min(backoff, remaining))
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
@@ -335,8 +339,12 @@ class Waiter:
                 return WaitOutcome(None, message="the task vanished from the queue")
             if not self._note_start(task):
                 return MOVED_ON
+            # A task that ended is judged by how it ended, however late that is seen (the job
+            # was down past the deadline): a finished engine's results are not thrown away.
             if task.finished:
                 return outcome_of(task)
+            if (remaining := self._remaining()) <= 0:  # after _note_start: counted from the start
+                return TIMED_OUT
             fault_point("while-waiting", self.case.name)
             self._update_progress(task)
             # Until the snapshot just read is due again, so that the time spent on this round
@@ -348,6 +356,9 @@ class Waiter:
         if not self.site.waits_for_operator:
             return False
         return awaiting_operator(self.site.settings.state_dir, self.attempt.host, now=self.clock())
+
+    def _remaining(self) -> float:
+        return (self.deadline - self.clock()).total_seconds()
 
     def _moved_on(self) -> bool:
         return self.site.ledger.get_case(self.case.id).state not in (CaseState.QUEUED, CaseState.RUNNING)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import httpx
 from prefect import get_client, task
@@ -68,10 +69,17 @@ def repair_gpu_limits(site: Site) -> list[str]:
     return notes
 
 
+# After a failed write (the server away, restarting or busy), the pauses before the groups
+# are written again; the last one repeats while the server stays away.
+MIRROR_RETRY_SECONDS = (0.5, 1.0, 2.0, 5.0)
+
+
 class LimitMirror:
     """Shows the ledger's slot counts in the Prefect limits as they change, from a thread of
     its own: a case never waits for Prefect to take or give back a slot. Changes that come
-    together are written once; a failed write is left to the next change or repair."""
+    together are written once; a failed write is tried again until the server takes it, so
+    a server that was away or busy shows the ledger's counts within seconds of answering
+    again, not at the next reconcile."""
 
     def __init__(self, site: Site):
         self._site = site
@@ -86,6 +94,7 @@ class LimitMirror:
 
     def _run(self) -> None:
         client = None  # kept between writes: a new client costs some 15 ms of TLS set-up
+        failures = 0
         while True:
             with self._wake:
                 while not self._changed:
@@ -93,15 +102,24 @@ class LimitMirror:
                 changed, self._changed = self._changed, set()
             try:
                 client = client or prompt_client().__enter__()
-                held = self._site.ledger.slot_holders()
+                held = self._site.ledger.slot_holders()  # read now: a retry writes the counts of its time
                 for host, group in sorted(changed):
                     client.update_global_concurrency_limit(
                         gpu_limit_name(host, group), GlobalConcurrencyLimitUpdate(active_slots=held.get((host, group), 0)))
-            except Exception as exc:  # the server may be away: the next change or repair puts it right
-                log.warning("could not show GPU slots in Prefect's limits: %s", exc)
+            except Exception as exc:  # the server may be away or busy: written again after a pause
+                if not failures:
+                    log.warning("could not show GPU slots in Prefect's limits: %s; trying again", exc)
                 if client is not None:  # a client that reached the server retries a lost one for a minute
                     client.__exit__(None, None, None)
                     client = None
+                with self._wake:
+                    self._changed |= changed
+                time.sleep(MIRROR_RETRY_SECONDS[min(failures, len(MIRROR_RETRY_SECONDS) - 1)])
+                failures += 1
+            else:
+                if failures:
+                    log.info("GPU slots shown in Prefect's limits again")
+                failures = 0
 
 
 def _cell(value: object) -> str:

@@ -59,3 +59,28 @@ def test_only_a_case_uploaded_before_looks_for_its_folder_on_the_host(tmp_path, 
     assert casework.upload(site, case, placement, "test")
 
     assert [(looked, manifest.reused) for looked, manifest in uploads] == [(False, False), (True, True)]
+
+
+def test_a_task_that_ended_while_nobody_watched_is_judged_by_its_end_not_timed_out(tmp_path):
+    """The job was down past the attempt's deadline (a power cut over a weekend) and its task
+    ended by itself meanwhile: the resumed wait takes the task's own end, and the results are
+    fetched, instead of calling it a timeout and throwing a finished engine's results away."""
+    from datetime import datetime, timedelta, timezone
+
+    site = Site(settings_for(tmp_path, [local_host(tmp_path)], command="mkdir -p output", timeout_hours=1))
+    case, _ = site.ledger.register_case(make_case(tmp_path, "case-t"))
+    placement = casework.choose_placement(site, case)
+    assert casework.upload(site, case, placement, "test")
+    attempt = casework.admit_and_submit(site, case, [placement], "test")
+    status = site.status(placement.host.name)
+    deadline = time.monotonic() + 30
+    while not (task := status.snapshot().find(attempt.task_id, attempt.label)).finished:
+        assert time.monotonic() < deadline, "the task did not end"
+        status.invalidate()
+        time.sleep(0.1)
+
+    days_later = datetime.now(timezone.utc) + timedelta(days=2)
+    outcome = casework.Waiter(site, case, attempt, "test", clock=lambda: days_later).wait()
+
+    assert outcome.result is AttemptResult.SUCCESS, outcome.message
+    assert (outcome.exit_code, outcome.task.id) == (0, task.id)

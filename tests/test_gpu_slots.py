@@ -119,3 +119,29 @@ def test_prefect_limits_are_repaired_from_the_ledger(prefect_server, tmp_path):
     site.ledger.request_cancel(case.id, actor="test", reason="done with it")
     site.ledger.confirm_kill(case.id, site.ledger.live_attempt(case.id).id, actor="test", message="killed")
     wait_for(lambda: active_slots() == [0, 0], timeout=30, what="the limit to show the slot given back")
+
+
+def test_a_slot_change_prefect_did_not_take_is_written_again_until_it_does(prefect_server, tmp_path, caplog):
+    """The server refused the write (here: the limit is gone, as after a server whose database
+    was lost; a server restarting or busy refuses the same way): the write is tried again until
+    it lands, so the limit shows the ledger's count without waiting for the next reconcile."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from tests.support.cases import local_host, settings_for, start, unique_host, wait_for
+    from tests.support.faults import active_slots
+
+    host = local_host(tmp_path, groups=({"name": "gpu0", "slots": 1},))
+    host["name"] = unique_host(tmp_path, "mirror")
+    site = start(settings_for(tmp_path, [host]))
+    name = gpu_limit_name(host["name"], "gpu0")
+    with get_client(sync_client=True) as client:
+        client.delete_global_concurrency_limit_by_name(name)
+    case, _ = site.ledger.register_case(tmp_path / "inbox" / "a")
+    site.ledger.transition(case.id, CaseState.UPLOADING, actor="test")
+    site.ledger.take_slot(case.id, host=host["name"], group="gpu0", capacity=1, label_of=str, remote_dir="/w")
+    wait_for(lambda: "could not show GPU slots" in caplog.text, timeout=60, what="the write to be refused")
+
+    with get_client(sync_client=True) as client:  # back, but counting nothing (no repair runs here)
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1, active_slots=0))
+    wait_for(lambda: active_slots(name) == 1, timeout=30, what="the refused write to be made again")

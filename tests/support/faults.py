@@ -110,11 +110,15 @@ def tasks_labelled(fake_pueue, label: str) -> tuple[int, int]:
     return queued, started
 
 
-def active_slots(limit_name: str) -> int:
+def active_slots(limit_name: str, api_url: str | None = None) -> int:
+    """Slots Prefect counts as held on a global concurrency limit; `api_url`: of another server
+    than the one this process is configured for (a job's embedded server)."""
     from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with get_client(sync_client=True) as client:
-        return client.read_global_concurrency_limit_by_name(limit_name).active_slots
+    with temporary_settings({PREFECT_API_URL: api_url} if api_url else {}):
+        with get_client(sync_client=True) as client:
+            return client.read_global_concurrency_limit_by_name(limit_name).active_slots
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
