@@ -68,6 +68,7 @@ class MainJob:
     lab: Lab
     settings: Settings
     process: subprocess.Popen | None = None
+    sample_memory: bool = True  # every 0.5 s, for the peaks of the burst
     samples: list[Sample] = field(default_factory=list)
     _sampling: threading.Event = field(default_factory=threading.Event)
 
@@ -84,7 +85,8 @@ class MainJob:
                 cwd=config.parent, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
-        threading.Thread(target=self._sample, daemon=True).start()
+        if self.sample_memory:
+            threading.Thread(target=self._sample, daemon=True).start()
 
     def stop(self) -> None:
         self._sampling.set()
@@ -96,11 +98,11 @@ class MainJob:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
-        server = self._server_pid()
+        server = self.server_pid()
         if server is not None:  # only left when mqi run had to be killed
             _kill_group(server)
 
-    def _server_pid(self) -> int | None:
+    def server_pid(self) -> int | None:
         try:
             text = (prefect_home(self.settings) / SERVER_RECORD).read_text()
         except OSError:
@@ -113,7 +115,7 @@ class MainJob:
             if self.process is None or self.process.poll() is not None:
                 return
             tree = _children(self.process.pid)
-            server = self._server_pid()
+            server = self.server_pid()
             server_tree = {server, *_children(server)} if server in tree else set()
             runs = [pid for pid in tree if pid not in server_tree]
             self.samples.append(Sample(
@@ -181,14 +183,14 @@ def _kill_group(pid: int) -> None:
 
 
 @contextmanager
-def main_job(lab: Lab) -> Iterator[MainJob]:
+def main_job(lab: Lab, *, sample_memory: bool = True) -> Iterator[MainJob]:
     host = lab.host("pipeline", GROUPS)  # pueue's parallelism per group = its slots
     for group in host["groups"]:
         group["queue_ahead"] = QUEUE_AHEAD
     settings = lab.settings("pipeline", host, inbox={"ready_marker": MARKER, "scan_seconds": SCAN_SECONDS},
                             command=COMMAND, poll_seconds=POLL_SECONDS)
     settings.inbox.path.mkdir(parents=True)
-    job = MainJob(lab, settings)
+    job = MainJob(lab, settings, sample_memory=sample_memory)
     job.start()
     try:
         yield job
