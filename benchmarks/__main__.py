@@ -52,7 +52,8 @@ def run_one(name: str, quick: bool, scratch: Path | None) -> Section:
 def main() -> None:
     if sys.argv[1:2] == ["soak"]:
         sys.exit(soak.main(sys.argv[2:]))
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0],
+                                     epilog="The soak runs on its own: python -m benchmarks soak --help")
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated: " + ", ".join(BENCHMARKS))
     parser.add_argument("--quick", action="store_true", help="smaller numbers: checks the suite, not the targets")
     parser.add_argument("--scratch", type=Path, default=None, help="where temporary servers and data go")
@@ -60,6 +61,8 @@ def main() -> None:
     args = parser.parse_args()
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(chosen) - set(BENCHMARKS))
+    if "soak" in unknown:
+        parser.error("the soak runs on its own, for hours: python -m benchmarks soak [--quick]")
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
 

@@ -46,6 +46,7 @@ GROUPS = {"gpu0": 1, "gpu1": 1}
 QUEUE_AHEAD = 1
 COMMAND = "sh run.sh && mkdir -p output && : > output/done"
 STOP_TIMEOUT = 60
+STARTUP_MIGRATE_TIMEOUT = 600
 MEMORY_TARGET_MB = 500
 # An error logged by Prefect's client or server, or an HTTP error status it raised.
 API_ERROR = re.compile(r"\| ERROR +\||HTTPStatusError|Service Unavailable")
@@ -78,7 +79,7 @@ class MainJob:
 
     def start(self) -> None:
         config = write_config(self.settings, self.settings.state_dir.parent / "mqi.yaml")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MQI_"))}
+        env = _clean_env()
         with open(self.output_file, "ab") as output:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mqi.cli", "--config", str(config), "run"],
@@ -87,6 +88,18 @@ class MainJob:
             )  # fmt: skip
         if self.sample_memory:
             threading.Thread(target=self._sample, daemon=True).start()
+
+    def migrate_prefect_database(self) -> None:
+        """Create the embedded server's database before `mqi run` starts it, as every start but a
+        site's first finds it: a first start's migrations alone can outlast the server's startup
+        timeout on a busy 2-core host."""
+        home = prefect_home(self.settings)
+        home.mkdir(parents=True, exist_ok=True)
+        upgrade = subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
+                                 env={**_clean_env(), "PREFECT_HOME": str(home)}, stdin=subprocess.DEVNULL,
+                                 capture_output=True, text=True, timeout=STARTUP_MIGRATE_TIMEOUT)
+        if upgrade.returncode != 0:
+            raise RuntimeError(f"prefect server database upgrade failed: {(upgrade.stdout + upgrade.stderr)[-2000:]}")
 
     def stop(self) -> None:
         self._sampling.set()
@@ -140,6 +153,11 @@ class MainJob:
         return lines
 
 
+def _clean_env() -> dict[str, str]:
+    """This environment without Prefect's or mqi's settings: the job's come from its config."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MQI_"))}
+
+
 def _children(pid: int | None) -> list[int]:
     """Every process below `pid`, read from /proc."""
     if pid is None:
@@ -183,7 +201,7 @@ def _kill_group(pid: int) -> None:
 
 
 @contextmanager
-def main_job(lab: Lab, *, sample_memory: bool = True) -> Iterator[MainJob]:
+def main_job(lab: Lab, *, sample_memory: bool = True, migrate_prefect_first: bool = False) -> Iterator[MainJob]:
     host = lab.host("pipeline", GROUPS)  # pueue's parallelism per group = its slots
     for group in host["groups"]:
         group["queue_ahead"] = QUEUE_AHEAD
@@ -191,6 +209,8 @@ def main_job(lab: Lab, *, sample_memory: bool = True) -> Iterator[MainJob]:
                             command=COMMAND, poll_seconds=POLL_SECONDS)
     settings.inbox.path.mkdir(parents=True)
     job = MainJob(lab, settings, sample_memory=sample_memory)
+    if migrate_prefect_first:
+        job.migrate_prefect_database()
     job.start()
     try:
         yield job
