@@ -99,7 +99,8 @@ class MainJob:
                                  env={**_clean_env(), "PREFECT_HOME": str(home)}, stdin=subprocess.DEVNULL,
                                  capture_output=True, text=True, timeout=STARTUP_MIGRATE_TIMEOUT)
         if upgrade.returncode != 0:
-            raise RuntimeError(f"prefect server database upgrade failed: {(upgrade.stdout + upgrade.stderr)[-2000:]}")
+            output = (upgrade.stdout + upgrade.stderr)[-2000:]
+            raise RuntimeError(f"prefect server database upgrade failed: {output}")
 
     def stop(self) -> None:
         self._sampling.set()
@@ -127,9 +128,9 @@ class MainJob:
         while not self._sampling.wait(0.5):
             if self.process is None or self.process.poll() is not None:
                 return
-            tree = _children(self.process.pid)
+            tree = descendants(self.process.pid)
             server = self.server_pid()
-            server_tree = {server, *_children(server)} if server in tree else set()
+            server_tree = {server, *descendants(server)} if server in tree else set()
             runs = [pid for pid in tree if pid not in server_tree]
             self.samples.append(Sample(
                 time.time(), _rss_mb(self.process.pid), sum(map(_rss_mb, runs)), sum(map(_rss_mb, server_tree)),
@@ -158,7 +159,7 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MQI_"))}
 
 
-def _children(pid: int | None) -> list[int]:
+def descendants(pid: int | None) -> list[int]:
     """Every process below `pid`, read from /proc."""
     if pid is None:
         return []
@@ -380,7 +381,7 @@ def run(lab: Lab, *, overhead_cases: int = 20, gap_cases: int = 50, gap_seconds:
         burst_cases: int = 1000, burst_observe: float = 60.0) -> Section:
     rows, notes = [], []
     with main_job(lab) as job:
-        ledger = wait_until(lambda: _ledger(job.settings), timeout=120, what="the ledger")
+        ledger = wait_until(lambda: ledger_once_created(job.settings), timeout=120, what="the ledger")
         start = time.time()
         drop_case(job, "warmup")
         wait_until(lambda: finished(ledger, "warmup", 1), timeout=300, what="the warm-up case")
@@ -406,7 +407,7 @@ def run(lab: Lab, *, overhead_cases: int = 20, gap_cases: int = 50, gap_seconds:
     return Section("The main job (`mqi run`): overhead, GPU idle gap, burst", rows, notes)
 
 
-def _ledger(settings: Settings) -> Ledger | None:
+def ledger_once_created(settings: Settings) -> Ledger | None:
     """The job's ledger once `mqi run` has created it."""
     try:
         ledger = Ledger.open(settings.ledger.url.get_secret_value(), migrate=False)

@@ -45,7 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks.harness import Lab, lab, wait_until
-from benchmarks.pipeline import API_ERROR, MainJob, _children, _ledger, drop_case, main_job
+from benchmarks.pipeline import API_ERROR, MainJob, descendants, drop_case, ledger_once_created, main_job
 from benchmarks.report import Row, Section, machine, plain, section_lines
 from mqi.ledger.states import ACTIVE_STATES, CaseState
 from mqi.ledger.store import Ledger, folder_key
@@ -144,8 +144,8 @@ def csv_row(sample: Sample) -> list:
 
 def take_sample(job: MainJob, feed: Feed, started: float) -> Sample:
     main, server = job.process.pid, job.server_pid()
-    server_tree = [server, *_children(server)] if server else []  # a child of `mqi run`, in a session of its own
-    others = [pid for pid in _children(main) if pid not in server_tree]
+    server_tree = [server, *descendants(server)] if server else []  # a child of `mqi run`, in a session of its own
+    others = [pid for pid in descendants(main) if pid not in server_tree]
     return Sample(datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"), time.monotonic() - started,
                   os.getloadavg()[0], feed.dropped, feed.finished, len(feed.failed), holdings([main]),
                   holdings(server_tree), holdings(others))
@@ -224,7 +224,8 @@ def soak(lab: Lab, cases: int, backlog: int, sample_seconds: float, remove_tasks
           open(csv_path, "w", newline="") as csv_file):
         writer = csv.writer(csv_file)
         writer.writerow(csv_header())
-        ledger = wait_until(lambda: _alive(job) and _ledger(job.settings), timeout=300, what="the ledger of `mqi run`")
+        ledger = wait_until(lambda: _alive(job) and ledger_once_created(job.settings), timeout=300,
+                            what="the ledger of `mqi run`")
         wait_until(lambda: _alive(job) and job.server_pid(), timeout=300, what="the Prefect server of `mqi run`")
         feed = Feed(job, ledger, cases, backlog, remove_tasks)
         started = next_sample = next_progress = time.monotonic()
@@ -387,7 +388,8 @@ def publish(path: Path, block: str) -> None:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks soak", description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=None, help=f"default {FULL_CASES:,} ({QUICK_CASES} with --quick)")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_CASES} cases: checks the soak, not a verdict")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_CASES} cases, not written to RESULTS.md: "
+                        "checks that the soak runs (too few cases to be past warm-up)")
     parser.add_argument("--backlog", type=int, default=20, help="unfinished case folders the inbox holds at most")
     parser.add_argument("--sample-seconds", type=float, default=None, help="default 5 (2 with --quick)")
     parser.add_argument("--keep-pueue-tasks", action="store_true", help="leave finished tasks in pueue")
