@@ -2,9 +2,11 @@
 
     .venv/bin/python -m benchmarks [--only transfer,polling,ledger,pipeline] [--quick]
         [--scratch DIR] [--output FILE]
+    .venv/bin/python -m benchmarks soak [--cases 5000] [--quick] ...
 
 --quick runs every benchmark on smaller numbers (a check that the suite works, not figures
-to compare with the targets); --only runs some of them.
+to compare with the targets); --only runs some of them. The soak (benchmarks/soak.py, hours
+long) runs on its own and writes its own section of RESULTS.md, which the suite keeps.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import ledger, pipeline, polling, transfer
+from benchmarks import ledger, pipeline, polling, soak, transfer
 from benchmarks.harness import Lab, lab
 from benchmarks.report import Section, machine, markdown, plain
 
@@ -48,7 +50,10 @@ def run_one(name: str, quick: bool, scratch: Path | None) -> Section:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    if sys.argv[1:2] == ["soak"]:
+        sys.exit(soak.main(sys.argv[2:]))
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0],
+                                     epilog="The soak runs on its own: python -m benchmarks soak --help")
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated: " + ", ".join(BENCHMARKS))
     parser.add_argument("--quick", action="store_true", help="smaller numbers: checks the suite, not the targets")
     parser.add_argument("--scratch", type=Path, default=None, help="where temporary servers and data go")
@@ -56,17 +61,21 @@ def main() -> None:
     args = parser.parse_args()
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(chosen) - set(BENCHMARKS))
+    if "soak" in unknown:
+        parser.error("the soak runs on its own, for hours: python -m benchmarks soak [--quick]")
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
 
     facts = machine()
     output = args.output or (None if args.quick else RESULTS)
     command = "python -m benchmarks" + ("" if chosen == list(BENCHMARKS) else f" --only {','.join(chosen)}")
+    kept_soak = soak.published_block(output) if output is not None else ""  # measured on its own
+    kept_soak = f"\n{kept_soak}\n" if kept_soak else ""
     sections = []
     for name in chosen:
         sections.append(run_one(name, args.quick, args.scratch))
         if output is not None:  # after each benchmark: a later failure keeps what was measured
-            output.write_text(markdown(sections, facts, command))
+            output.write_text(markdown(sections, facts, command) + kept_soak)
     print(plain(sections))
     if output is not None:
         print(f"\nwritten to {output}")

@@ -46,6 +46,7 @@ GROUPS = {"gpu0": 1, "gpu1": 1}
 QUEUE_AHEAD = 1
 COMMAND = "sh run.sh && mkdir -p output && : > output/done"
 STOP_TIMEOUT = 60
+STARTUP_MIGRATE_TIMEOUT = 600
 MEMORY_TARGET_MB = 500
 # An error logged by Prefect's client or server, or an HTTP error status it raised.
 API_ERROR = re.compile(r"\| ERROR +\||HTTPStatusError|Service Unavailable")
@@ -68,6 +69,7 @@ class MainJob:
     lab: Lab
     settings: Settings
     process: subprocess.Popen | None = None
+    sample_memory: bool = True  # every 0.5 s, for the peaks of the burst
     samples: list[Sample] = field(default_factory=list)
     _sampling: threading.Event = field(default_factory=threading.Event)
 
@@ -77,14 +79,28 @@ class MainJob:
 
     def start(self) -> None:
         config = write_config(self.settings, self.settings.state_dir.parent / "mqi.yaml")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MQI_"))}
+        env = _clean_env()
         with open(self.output_file, "ab") as output:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mqi.cli", "--config", str(config), "run"],
                 cwd=config.parent, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
-        threading.Thread(target=self._sample, daemon=True).start()
+        if self.sample_memory:
+            threading.Thread(target=self._sample, daemon=True).start()
+
+    def migrate_prefect_database(self) -> None:
+        """Create the embedded server's database before `mqi run` starts it, as every start but a
+        site's first finds it: a first start's migrations alone can outlast the server's startup
+        timeout on a busy 2-core host."""
+        home = prefect_home(self.settings)
+        home.mkdir(parents=True, exist_ok=True)
+        upgrade = subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
+                                 env={**_clean_env(), "PREFECT_HOME": str(home)}, stdin=subprocess.DEVNULL,
+                                 capture_output=True, text=True, timeout=STARTUP_MIGRATE_TIMEOUT)
+        if upgrade.returncode != 0:
+            output = (upgrade.stdout + upgrade.stderr)[-2000:]
+            raise RuntimeError(f"prefect server database upgrade failed: {output}")
 
     def stop(self) -> None:
         self._sampling.set()
@@ -96,11 +112,11 @@ class MainJob:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
-        server = self._server_pid()
+        server = self.server_pid()
         if server is not None:  # only left when mqi run had to be killed
             _kill_group(server)
 
-    def _server_pid(self) -> int | None:
+    def server_pid(self) -> int | None:
         try:
             text = (prefect_home(self.settings) / SERVER_RECORD).read_text()
         except OSError:
@@ -112,9 +128,9 @@ class MainJob:
         while not self._sampling.wait(0.5):
             if self.process is None or self.process.poll() is not None:
                 return
-            tree = _children(self.process.pid)
-            server = self._server_pid()
-            server_tree = {server, *_children(server)} if server in tree else set()
+            tree = descendants(self.process.pid)
+            server = self.server_pid()
+            server_tree = {server, *descendants(server)} if server in tree else set()
             runs = [pid for pid in tree if pid not in server_tree]
             self.samples.append(Sample(
                 time.time(), _rss_mb(self.process.pid), sum(map(_rss_mb, runs)), sum(map(_rss_mb, server_tree)),
@@ -138,7 +154,12 @@ class MainJob:
         return lines
 
 
-def _children(pid: int | None) -> list[int]:
+def _clean_env() -> dict[str, str]:
+    """This environment without Prefect's or mqi's settings: the job's come from its config."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MQI_"))}
+
+
+def descendants(pid: int | None) -> list[int]:
     """Every process below `pid`, read from /proc."""
     if pid is None:
         return []
@@ -181,14 +202,16 @@ def _kill_group(pid: int) -> None:
 
 
 @contextmanager
-def main_job(lab: Lab) -> Iterator[MainJob]:
+def main_job(lab: Lab, *, sample_memory: bool = True, migrate_prefect_first: bool = False) -> Iterator[MainJob]:
     host = lab.host("pipeline", GROUPS)  # pueue's parallelism per group = its slots
     for group in host["groups"]:
         group["queue_ahead"] = QUEUE_AHEAD
     settings = lab.settings("pipeline", host, inbox={"ready_marker": MARKER, "scan_seconds": SCAN_SECONDS},
                             command=COMMAND, poll_seconds=POLL_SECONDS)
     settings.inbox.path.mkdir(parents=True)
-    job = MainJob(lab, settings)
+    job = MainJob(lab, settings, sample_memory=sample_memory)
+    if migrate_prefect_first:
+        job.migrate_prefect_database()
     job.start()
     try:
         yield job
@@ -358,7 +381,7 @@ def run(lab: Lab, *, overhead_cases: int = 20, gap_cases: int = 50, gap_seconds:
         burst_cases: int = 1000, burst_observe: float = 60.0) -> Section:
     rows, notes = [], []
     with main_job(lab) as job:
-        ledger = wait_until(lambda: _ledger(job.settings), timeout=120, what="the ledger")
+        ledger = wait_until(lambda: ledger_once_created(job.settings), timeout=120, what="the ledger")
         start = time.time()
         drop_case(job, "warmup")
         wait_until(lambda: finished(ledger, "warmup", 1), timeout=300, what="the warm-up case")
@@ -384,7 +407,7 @@ def run(lab: Lab, *, overhead_cases: int = 20, gap_cases: int = 50, gap_seconds:
     return Section("The main job (`mqi run`): overhead, GPU idle gap, burst", rows, notes)
 
 
-def _ledger(settings: Settings) -> Ledger | None:
+def ledger_once_created(settings: Settings) -> Ledger | None:
     """The job's ledger once `mqi run` has created it."""
     try:
         ledger = Ledger.open(settings.ledger.url.get_secret_value(), migrate=False)

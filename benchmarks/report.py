@@ -92,10 +92,17 @@ def markdown(sections: list[Section], facts: dict[str, str], command: str) -> st
         "",
     ]
     for section in sections:
-        lines += [f"## {section.title}", "", *_table(section.rows), ""]
-        lines += [f"- {note}" for note in section.notes]
-        lines.append("")
+        lines += section_lines(section)
     return "\n".join(lines)
+
+
+def section_lines(section: Section, intro: tuple[str, ...] = ()) -> list[str]:
+    """One section as markdown: its title, any `intro` lines, its table and its notes."""
+    lines = [f"## {section.title}", "", *intro, *([""] if intro else [])]
+    lines += [*_table(section.rows), ""]
+    lines += [f"- {note}" for note in section.notes]
+    lines.append("")
+    return lines
 
 
 def _table(rows: list[Row]) -> list[str]:
