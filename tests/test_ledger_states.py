@@ -17,11 +17,11 @@ from mqi.ledger.states import (
 # The table agreed in the issue, written out independently of the code.
 DOCUMENTED = {
     "pending": "uploading failed cancelled",
-    "uploading": "queued pending failed cancelled",
+    "uploading": "queued pending failed cancelled killing",
     "queued": "running downloading pending failed killing cancelled",
     "running": "downloading failed killing pending",
     "killing": "failed cancelled",
-    "downloading": "completed failed pending",
+    "downloading": "completed failed pending cancelled",
     "completed": "pending",
     "failed": "pending",
     "cancelled": "pending",
