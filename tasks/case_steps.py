@@ -33,8 +33,8 @@ def _transient(task, task_run, state) -> bool:
 
 def retried_when_transient(function):
     """A step that host or network trouble sends round again, after growing pauses."""
-    return task(function, retries=len(TRANSIENT_RETRY_DELAYS), retry_delay_seconds=TRANSIENT_RETRY_DELAYS,
-                retry_condition_fn=_transient)
+    return task(function, name=function.__name__.replace("_", "-"), retries=len(TRANSIENT_RETRY_DELAYS),
+                retry_delay_seconds=TRANSIENT_RETRY_DELAYS, retry_condition_fn=_transient)
 
 
 @task(name="register-case")
