@@ -297,8 +297,8 @@ def test_db_upgrade_creates_then_reports_current(ledger_url, tmp_path):
     again = invoke(config, "db", "upgrade")
 
     assert first.exit_code == 0, first.output
-    assert "upgraded from empty to 0002" in first.output
-    assert "already at revision 0002" in again.output
+    assert "upgraded from empty to 0003" in first.output
+    assert "already at revision 0003" in again.output
 
 
 def test_an_unreachable_ledger_is_a_clear_error(tmp_path):
