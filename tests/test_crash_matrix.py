@@ -21,6 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mqi.faults import FAULT_HOLD_DIR_VARIABLE, FAULT_HOLD_VARIABLE
@@ -31,6 +32,10 @@ from mqi.site import gpu_limit_name
 from tests.support.cases import make_case, pid_alive, ssh_host, wait_for
 from tests.support.faults import active_slots, staging_leftovers, tasks_labelled, tree_digest
 from tests.support.sshd import free_port
+
+# Two starts of a runtime with its Prefect server and seven cases each: a guard against a hang,
+# above pytest's 300 s default; the tests wait for conditions, not for time.
+pytestmark = pytest.mark.timeout(900)
 
 MQI = [sys.executable, "-m", "mqi.cli"]
 # Each case's folder says how long its engine runs (the command runs inside the uploaded folder).
